@@ -1,0 +1,72 @@
+"""The one mask checker every test uses, and exact references independent of the library."""
+import itertools
+
+import networkx as nx
+import numpy as np
+
+
+def assert_valid_mask(mask, n, m, *, transposable):
+    """Exactly ``n`` kept per group of ``m`` along ``in`` and, if transposable, per
+    group of ``m`` along ``out`` (= every row and column of every m x m tile)."""
+    mask = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask)
+    assert mask.dtype == bool, mask.dtype
+    taps = np.moveaxis(mask, (0, 1), (-2, -1)).reshape(-1, *mask.shape[:2])
+    per_row_group = taps.reshape(taps.shape[0], taps.shape[1], -1, m).sum(-1)
+    assert (per_row_group == n).all(), f"row-wise groups keep {np.unique(per_row_group)}, not {n}"
+    if transposable:
+        per_col_group = taps.reshape(taps.shape[0], -1, m, taps.shape[2]).sum(-2)
+        assert (per_col_group == n).all(), f"column groups keep {np.unique(per_col_group)}, not {n}"
+
+
+def assert_valid_tiles(tiles, n):
+    """``assert_valid_mask`` on a solver's ``(K, m, m)`` output, laid out as one
+    ``(m, K*m)`` weight whose tiles are exactly those."""
+    tiles = np.asarray(tiles.cpu() if hasattr(tiles, "cpu") else tiles)
+    k, m, _ = tiles.shape
+    assert_valid_mask(tiles.transpose(1, 0, 2).reshape(m, k * m), n, m, transposable=True)
+
+
+def brute_force_best(tile, n):
+    """Largest kept sum of |tile| over all n-regular masks, by full enumeration of every
+    combination of row choices (independent of ``solvers.exhaustive``)."""
+    m = tile.shape[0]
+    weights = np.abs(tile)
+    best = -np.inf
+    choices = list(itertools.combinations(range(m), n))
+    for rows in itertools.product(choices, repeat=m):
+        cols = np.zeros(m, int)
+        for chosen in rows:
+            cols[list(chosen)] += 1
+        if (cols == n).all():
+            best = max(best, sum(weights[i, list(c)].sum() for i, c in enumerate(rows)))
+    return best
+
+
+def count_regular_masks(n, m):
+    """Number of m x m 0/1 matrices with n ones per row and column, by enumeration."""
+    choices = list(itertools.combinations(range(m), n))
+    total = 0
+    for rows in itertools.product(choices, repeat=m):
+        cols = np.zeros(m, int)
+        for chosen in rows:
+            cols[list(chosen)] += 1
+        total += (cols == n).all()
+    return total
+
+
+def networkx_best(tile, n):
+    """Largest kept sum of an integer tile's |entries|, by networkx min-cost flow."""
+    m = tile.shape[0]
+    weights = np.abs(tile).astype(np.int64)
+    graph = nx.DiGraph()
+    for i in range(m):
+        graph.add_node(("r", i), demand=-n)
+        graph.add_node(("c", i), demand=n)
+        for j in range(m):
+            graph.add_edge(("r", i), ("c", j), capacity=1, weight=-int(weights[i, j]))
+    flow = nx.min_cost_flow(graph)
+    return sum(weights[i, j] for i in range(m) for j in range(m) if flow[("r", i)][("c", j)])
+
+
+def kept(tile, mask):
+    return float(np.abs(tile)[mask].sum())

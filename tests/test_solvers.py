@@ -1,0 +1,190 @@
+"""Every engine in the registry: valid masks, exactness against independent references,
+the greedy's guarantees, determinism."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import solvers
+from checks import assert_valid_tiles, brute_force_best, count_regular_masks, kept, networkx_best
+
+KINDS = ("gaussian", "small-integers", "zeros", "all-equal", "heavy-tailed")
+EXACT = [name for name, engine in solvers.TRANSPOSABLE.items() if engine.EXACT]
+
+
+def random_tiles(rng, k, m, kind):
+    """Integer-valued tiles (so every reference is exact), signed, of several kinds."""
+    if kind == "gaussian":
+        tiles = np.rint(rng.standard_normal((k, m, m)) * 1000)
+    elif kind == "small-integers":  # many ties
+        tiles = rng.integers(-3, 4, (k, m, m)).astype(float)
+    elif kind == "zeros":  # mostly zero, some whole rows/columns zero
+        tiles = rng.integers(-9, 10, (k, m, m)) * (rng.random((k, m, m)) < 0.3)
+        tiles[:, 0, :] = 0
+        tiles[:, :, -1] = 0
+    elif kind == "all-equal":
+        tiles = np.full((k, m, m), 5.0)
+    else:
+        tiles = np.clip(np.rint(rng.standard_cauchy((k, m, m)) * 10), -1e6, 1e6)
+    return tiles.astype(np.float64)
+
+
+def engines_for(m):
+    return [name for name, engine in solvers.TRANSPOSABLE.items() if engine.supports(1, m) is None]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,m", [(1, 2), (1, 4), (2, 4), (3, 4), (4, 8), (3, 8), (8, 16), (16, 32)])
+def test_every_engine_returns_valid_masks(n, m, kind, rng):
+    tiles = random_tiles(rng, 40, m, kind)
+    for name in engines_for(m):
+        mask = solvers.TRANSPOSABLE[name].solve(tiles, n)
+        assert mask.shape == tiles.shape
+        assert_valid_tiles(mask, n)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_exact_engines_match_brute_force_on_4x4(n, kind, rng):
+    tiles = random_tiles(rng, 60, 4, kind)
+    for name in EXACT:
+        masks = solvers.TRANSPOSABLE[name].solve(tiles, n)
+        for tile, mask in zip(tiles, masks):
+            assert kept(tile, mask) == brute_force_best(tile, n), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,m", [(2, 8), (4, 8), (5, 8), (8, 16), (4, 16)])
+def test_exact_engines_match_networkx(n, m, kind, rng):
+    tiles = random_tiles(rng, 12, m, kind)
+    for name in [e for e in EXACT if e in engines_for(m)]:
+        masks = solvers.TRANSPOSABLE[name].solve(tiles, n)
+        for tile, mask in zip(tiles, masks):
+            assert kept(tile, mask) == networkx_best(tile, n), name
+
+
+@given(arrays(np.float64, (3, 4, 4), elements=st.integers(-20, 20).map(float)),
+       st.integers(1, 3))
+def test_exact_engines_match_brute_force_hypothesis(tiles, n):
+    for name in EXACT:
+        masks = solvers.TRANSPOSABLE[name].solve(tiles, n)
+        assert_valid_tiles(masks, n)
+        for tile, mask in zip(tiles, masks):
+            assert kept(tile, mask) == brute_force_best(tile, n)
+
+
+@given(arrays(np.float64, (2, 4, 4), elements=st.integers(0, 6).map(float)), st.integers(1, 3))
+def test_greedy_keeps_at_least_half_of_the_optimum(tiles, n):
+    masks = solvers.greedy.solve(tiles, n)
+    assert_valid_tiles(masks, n)
+    for tile, mask in zip(tiles, masks):
+        assert 2 * kept(tile, mask) >= brute_force_best(tile, n)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-6])
+def test_greedy_on_its_worst_case_keeps_half(eps):
+    # Taking the single largest entry forces the zero: greedy 1+eps, optimum 2.
+    tile = np.array([[[1 + eps, 1.0], [1.0, 0.0]]])
+    mask = solvers.greedy.solve(tile, 1)
+    assert_valid_tiles(mask, 1)
+    ratio = kept(tile[0], mask[0]) / brute_force_best(tile[0], 1)
+    assert 0.5 <= ratio < 0.51
+
+
+def test_greedy_keeps_98_percent_on_gaussian_4_8(rng):
+    tiles = rng.standard_normal((3000, 8, 8))
+    greedy = solvers.greedy.solve(tiles, 4)
+    exact = solvers.mincostflow.solve(tiles, 4)
+    assert np.abs(tiles)[greedy].sum() >= 0.98 * np.abs(tiles)[exact].sum()
+
+
+def test_greedy_completion_fills_rows_the_greedy_pass_leaves_short():
+    from solvers._greedy_kernels import greedy_tile
+
+    tile = np.array([[2., 8, 6, 8], [8, 8, 3, 4], [6, 2, 9, 0], [8, 6, 2, 7]])
+    keep, rows, cols = np.zeros((4, 4), bool), np.zeros(4, np.int64), np.zeros(4, np.int64)
+    greedy_tile(tile, 2, keep, rows, cols)
+    assert rows.tolist() == [2, 2, 1, 2]  # the plain greedy pass keeps only 7 of 8
+    mask = solvers.greedy.solve(tile[None], 2)
+    assert_valid_tiles(mask, 2)
+    assert kept(tile, mask[0]) > kept(tile, keep)  # here the best 3-hop path gains weight
+
+
+@pytest.mark.parametrize("name", sorted(solvers.TRANSPOSABLE))
+def test_engines_are_deterministic_and_break_ties_towards_low_indices(name):
+    tiles = np.ones((5, 4, 4))
+    first = solvers.TRANSPOSABLE[name].solve(tiles, 2)
+    assert (solvers.TRANSPOSABLE[name].solve(tiles, 2) == first).all()
+    if name != "mincostflow":  # OR-Tools is deterministic but picks its own optimum
+        block_diagonal = np.kron(np.eye(2, dtype=bool), np.ones((2, 2), dtype=bool))
+        assert (first == block_diagonal).all()
+
+
+def test_greedy_and_exhaustive_ties_follow_lowest_index_order():
+    tile = np.array([[[3., 3, 3, 1], [3, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]])
+    # Greedy keeps (0,0), (0,1) [lowest index among the tied 3s], then (1,0).
+    assert solvers.greedy.solve(tile, 2)[0][0].tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize("n,m,expected", [(1, 4, 24), (2, 4, 90), (3, 4, 24), (1, 3, 6), (2, 5, 2040)])
+def test_exhaustive_enumerates_every_regular_tile(n, m, expected):
+    table = solvers.exhaustive.patterns(n, m)
+    assert len(table) == expected == count_regular_masks(n, m)
+    assert len(np.unique(table, axis=0)) == expected
+    assert_valid_tiles(table.reshape(-1, m, m), n)
+
+
+def test_exhaustive_refuses_large_tiles():
+    assert "use method='mincostflow'" in solvers.exhaustive.supports(4, 8)
+    assert solvers.exhaustive.supports(2, 4) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_exhaustive_on_torch_matches_numpy(dtype, rng):
+    tiles = random_tiles(rng, 200, 4, "small-integers")
+    from_torch = solvers.exhaustive.solve(torch.tensor(tiles, dtype=dtype), 2)
+    assert isinstance(from_torch, torch.Tensor) and from_torch.dtype == torch.bool
+    assert (from_torch.numpy() == solvers.exhaustive.solve(tiles, 2)).all()
+
+
+def test_mincostflow_batches_agree_with_one_call(rng):
+    tiles = rng.standard_normal((100, 8, 8))
+    whole = solvers.mincostflow.solve(tiles, 4)
+    batched = solvers.mincostflow.solve(tiles, 4, arcs_per_call=3 * 64)
+    assert np.allclose(np.abs(tiles)[whole].sum(), np.abs(tiles)[batched].sum())
+    assert_valid_tiles(batched, 4)
+
+
+def test_mincostflow_raises_when_ortools_is_not_optimal(monkeypatch, rng):
+    # Costs too large for OR-Tools' int64 arithmetic: it answers BAD_COST_RANGE.
+    monkeypatch.setattr(solvers.mincostflow, "COST_SCALE", 2**62)
+    with pytest.raises(solvers.MinCostFlowError, match="not OPTIMAL"):
+        solvers.mincostflow.solve(rng.standard_normal((4, 4, 4)), 2)
+
+
+def test_mincostflow_tolerance_on_tiny_differences():
+    # Differences far below the documented integer resolution may be lost, but never more
+    # than n*m*max|w|/COST_SCALE.
+    tile = np.array([[[1.0, 1 + 1e-12], [1 + 2e-12, 1.0]]])
+    mask = solvers.mincostflow.solve(tile, 1)
+    gap = np.abs(tile[0]).max() * 2 / solvers.mincostflow.COST_SCALE
+    assert kept(tile[0], mask[0]) >= brute_force_best(tile[0], 1) - gap
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (4, 8), (3, 8)])
+def test_rowwise_keeps_the_n_largest_of_each_group(n, m, kind, rng):
+    groups = random_tiles(rng, 50, m, kind).reshape(-1, m)
+    mask = solvers.rowwise.solve(groups, n)
+    assert (mask.sum(1) == n).all()
+    best = -np.sort(-np.abs(groups), axis=1)[:, :n].sum(1)
+    assert np.array_equal(np.where(mask, np.abs(groups), 0).sum(1), best)
+    from_torch = solvers.rowwise.solve(torch.tensor(groups), n)
+    assert (from_torch.numpy() == mask).all()
+
+
+def test_rowwise_ties_go_to_the_lowest_index():
+    assert solvers.rowwise.solve(np.array([[2., 2, 2, 2], [1, -3, 3, 0]]), 2).tolist() == [
+        [True, True, False, False], [False, True, True, False]]

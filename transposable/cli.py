@@ -1,0 +1,104 @@
+"""The ``transposable`` command."""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import solvers
+
+from . import __version__
+from .io import file_format, load_tensor, save_tensors
+from .masks import METHODS, kept_fraction, nm_mask, resolve_method, transposable_mask
+from .patterns import parse_pattern
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv=None):
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("transposable: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, solvers.MinCostFlowError) as exc:
+        print(f"transposable {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _build_parser():
+    parser = _OneLineParser(
+        prog="transposable",
+        description="N:M and transposable N:M sparsity masks for weight tensors.")
+    parser.add_argument("--version", action="version", version=f"transposable {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    solve = commands.add_parser(
+        "solve", help="find the N:M or transposable N:M mask of one weight tensor",
+        description="Find the best N:M mask (groups of M along the input dimension) or "
+                    "transposable N:M mask (M x M tiles over (out, in)) of one weight tensor "
+                    "and write it as a bool tensor.")
+    solve.add_argument("file", help="weight file: .npy, .pt/.pth/.bin (a tensor or state dict) "
+                                    "or .safetensors")
+    solve.add_argument("--key", help="tensor name inside a .pt or .safetensors file "
+                                     "(needed when it holds several)")
+    solve.add_argument("--pattern", required=True, help="N:M, N kept of every M, e.g. 2:4")
+    solve.add_argument("--transposable", action="store_true",
+                       help="make the mask's transpose N:M too (M x M tiles)")
+    solve.add_argument("--method", default=None, choices=METHODS, type=str.lower,
+                       help="transposable solver (default: auto, the fastest exact one)")
+    solve.add_argument("--pad", action="store_true",
+                       help="pad dimensions that are not a multiple of M with zeros, then crop")
+    solve.add_argument("-o", "--output", required=True,
+                       help="mask file: .npy, or the input's own format")
+    solve.add_argument("--force", action="store_true", help="replace an existing output file")
+    solve.set_defaults(run=_solve)
+    return parser
+
+
+def _solve(args):
+    pattern = parse_pattern(args.pattern)
+    if args.method is not None and not args.transposable:
+        raise ValueError("--method chooses the transposable solver; add --transposable or drop --method")
+    method = resolve_method(args.method or "auto", pattern) if args.transposable else "rowwise"
+    _check_output(args.file, args.output)
+    weight, key = load_tensor(args.file, args.key)
+
+    start = time.perf_counter()
+    if args.transposable:
+        mask = transposable_mask(weight, pattern, method=method, pad=args.pad)
+    else:
+        mask = nm_mask(weight, pattern, pad=args.pad)
+    seconds = time.perf_counter() - start
+
+    metadata = {"pattern": str(pattern), "transposable": str(args.transposable).lower(),
+                "method": method, "transposable_version": __version__}
+    save_tensors(args.output, {key or "mask": mask}, metadata=metadata, force=args.force)
+    rows = [("file", args.file), ("key", key or "-"),
+            ("shape", f"{tuple(weight.shape)} {str(weight.dtype).replace('torch.', '')}"),
+            ("pattern", f"{pattern}{' transposable' if args.transposable else ' row-wise'}"),
+            ("method", method), ("seconds", f"{seconds:.4f}"),
+            ("kept L1", f"{kept_fraction(weight, mask):.4f} of the weight's L1"),
+            ("wrote", args.output)]
+    for name, value in rows:
+        print(f"{name:<8} {value}")
+
+
+def _check_output(source, output):
+    """Refuse outputs that would replace the input or change its format."""
+    if Path(output).resolve() == Path(source).resolve():
+        raise ValueError(f"output '{output}' is the input file; the input is never overwritten")
+    if file_format(output) not in ("npy", file_format(source)):
+        raise ValueError(f"output '{output}' must be .npy or the input's format "
+                         f"({Path(source).suffix})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

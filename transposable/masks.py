@@ -1,0 +1,288 @@
+"""N:M and transposable N:M masks for weight tensors, their checkers and quality metrics.
+
+Axis convention: a weight ``(out, in)`` (``nn.Linear``) or ``(out, in, *kernel)``
+(``nn.Conv``; every kernel tap is an ``(out, in)`` matrix). Row-wise groups of ``m``
+run along ``in``; transposable ``m x m`` tiles cover ``(out, in)`` and keep exactly ``n``
+per tile row and per tile column, so that ``W`` is N:M along ``in`` and ``W.T`` is N:M
+along ``out``.
+"""
+import numpy as np
+
+import solvers
+from solvers._common import is_torch
+
+from .layout import Layout
+from .patterns import parse_pattern
+
+#: Method names accepted by :func:`transposable_mask`.
+METHODS = ("auto", *sorted(solvers.TRANSPOSABLE))
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def nm_mask(weight, n, m=None, *, pad=False):
+    """Best row-wise N:M mask: the ``n`` largest ``|w|`` of every ``m`` along ``in``.
+
+    Parameters
+    ----------
+    weight : ndarray or Tensor, shape (out, in) or (out, in, *kernel)
+        Float weights (float16, bfloat16, float32 or float64); groups run along ``in``
+        (axis 1) for every kernel tap.
+    n : str, int or tuple
+        The pattern, ``"2:4"``, ``(2, 4)``, or the kept count with ``m``.
+    m : int, optional
+        Group size when ``n`` is an integer.
+    pad : bool, default False
+        Pad ``in`` with zeros to a multiple of ``m``, solve, and crop the mask.
+
+    Returns
+    -------
+    mask : ndarray or Tensor of bool, same shape as ``weight``
+        Same container and device as ``weight``.
+
+    Raises
+    ------
+    TypeError
+        If ``weight`` is not a float array/tensor or the pattern is not integers.
+    ValueError
+        If the pattern breaks ``0 < n < m``, ``weight`` has fewer than 2 dimensions, is
+        empty, holds NaN/Inf, or ``in`` is not a multiple of ``m`` without ``pad``.
+
+    Notes
+    -----
+    Exact (maximum kept ``|w|``); ties go to the lowest index. ``O(size * log m)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> nm_mask(np.array([[1., -4, 3, 2], [0, 1, 0, 2]]), "2:4").astype(int)
+    array([[0, 1, 1, 0],
+           [0, 1, 0, 1]])
+    """
+    pattern = parse_pattern(n, m)
+    _check_weight(weight)
+    layout = Layout(weight.shape, pattern.m, transposable=False, pad=pad)
+    data = weight.detach() if is_torch(weight) else weight
+    return layout.unblock(solvers.rowwise.solve(layout.blocks(data), pattern.n))
+
+
+def transposable_mask(weight, n, m=None, *, method="auto", pad=False):
+    """Best transposable N:M mask: ``n`` kept in every row and column of every m x m tile.
+
+    Parameters
+    ----------
+    weight : ndarray or Tensor, shape (out, in) or (out, in, *kernel)
+        Float weights (float16, bfloat16, float32 or float64); tiles cover ``(out, in)``
+        for every kernel tap.
+    n : str, int or tuple
+        The pattern, ``"2:4"``, ``(2, 4)``, or the kept count with ``m``.
+    m : int, optional
+        Tile size when ``n`` is an integer.
+    method : str, default "auto"
+        ``"mincostflow"`` (exact, OR-Tools), ``"exhaustive"`` (exact, m <= 5, runs on the
+        weight's device), ``"greedy"`` (2-approximation, numba), or ``"auto"``: the
+        fastest exact method for the pattern, ``"exhaustive"`` up to m = 5, else
+        ``"mincostflow"``.
+    pad : bool, default False
+        Pad ``out`` and ``in`` with zeros to multiples of ``m``, solve, and crop the mask
+        (rows and columns of a cropped tile then keep at most ``n``).
+
+    Returns
+    -------
+    mask : ndarray or Tensor of bool, same shape as ``weight``
+        Same container and device as ``weight``. ``mask`` is N:M along ``in`` and its
+        transpose is N:M along ``out``.
+
+    Raises
+    ------
+    TypeError
+        If ``weight`` is not a float array/tensor or the pattern is not integers.
+    ValueError
+        If the pattern breaks ``0 < n < m``, ``method`` is unknown or does not support
+        the pattern, ``weight`` has fewer than 2 dimensions, is empty, holds NaN/Inf,
+        or ``out``/``in`` is not a multiple of ``m`` without ``pad``.
+    solvers.MinCostFlowError
+        If OR-Tools does not reach optimality.
+
+    Notes
+    -----
+    Maximises the kept ``sum |w|`` (L1). Per tile this is a max-weight b-matching, solved
+    exactly as a min-cost flow (Hubara et al. 2021), exactly by enumerating the valid
+    tiles, or by the greedy 2-approximation completed to exactly ``n`` per row/column.
+    Results are deterministic: the same input gives the same mask on every run.
+
+    References
+    ----------
+    Hubara et al., "Accelerated Sparse Neural Training: A Provable and Efficient Method
+    to Find N:M Transposable Masks", NeurIPS 2021.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.array([[4., 3, 0, 0], [3, 4, 0, 0], [0, 0, 1, 2], [0, 0, 2, 1]])
+    >>> transposable_mask(w, "2:4").astype(int)
+    array([[1, 1, 0, 0],
+           [1, 1, 0, 0],
+           [0, 0, 1, 1],
+           [0, 0, 1, 1]])
+    """
+    pattern = parse_pattern(n, m)
+    name = resolve_method(method, pattern)
+    engine = solvers.TRANSPOSABLE[name]
+    _check_weight(weight)
+    layout = Layout(weight.shape, pattern.m, transposable=True, pad=pad)
+    if not is_torch(weight):
+        return layout.unblock(engine.solve(layout.blocks(weight), pattern.n))
+    data = weight.detach()
+    if engine.ACCEPTS_TORCH:
+        return layout.unblock(engine.solve(layout.blocks(data), pattern.n))
+    host = data.to("cpu", dtype=_host_dtype(data)).numpy()
+    mask = layout.unblock(engine.solve(layout.blocks(host), pattern.n))
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(mask)).to(weight.device)
+
+
+def resolve_method(method, pattern):
+    """The engine name ``method`` stands for on ``pattern`` (``"auto"`` resolved).
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is unknown, or the engine cannot solve ``pattern``.
+
+    Examples
+    --------
+    >>> from transposable.patterns import parse_pattern
+    >>> resolve_method("auto", parse_pattern("2:4")), resolve_method("AUTO", parse_pattern("4:8"))
+    ('exhaustive', 'mincostflow')
+    """
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    name = method.lower()
+    if name == "auto":
+        return "exhaustive" if solvers.exhaustive.supports(*pattern) is None else "mincostflow"
+    reason = solvers.TRANSPOSABLE[name].supports(*pattern)
+    if reason:
+        raise ValueError(f"method {name!r} cannot solve pattern {pattern}: {reason}")
+    return name
+
+
+def is_nm_sparse(x, n, m=None, *, axis=1):
+    """Whether every group of ``m`` consecutive entries along ``axis`` has at most ``n``
+    non-zeros.
+
+    Parameters
+    ----------
+    x : ndarray or Tensor
+        A mask (True = kept) or a sparse weight (non-zero = kept).
+    n, m : pattern, as in :func:`nm_mask`.
+    axis : int, default 1
+        ``1`` checks ``in`` (what the forward GEMM needs), ``0`` checks ``out`` (what the
+        backward GEMM to the input needs). A trailing partial group counts too.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_nm_sparse(np.array([[1, 1, 0, 0], [1, 0, 1, 1]]), "2:4")
+    False
+    >>> is_nm_sparse(np.array([[1, 1, 0, 0], [1, 0, 1, 0]]), "2:4")
+    True
+    """
+    pattern = parse_pattern(n, m)
+    kept = _as_numpy_bool(x)
+    if kept.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (out, in[, *kernel]), got shape {kept.shape}")
+    if not -kept.ndim <= axis < kept.ndim:
+        raise ValueError(f"axis {axis} is out of range for x of shape {kept.shape}")
+    kept = np.moveaxis(kept, axis, -1)
+    short = -kept.shape[-1] % pattern.m
+    kept = np.pad(kept, [(0, 0)] * (kept.ndim - 1) + [(0, short)])
+    return bool((kept.reshape(-1, pattern.m).sum(axis=1) <= pattern.n).all())
+
+
+def is_transposable_nm(x, n, m=None):
+    """Whether ``x`` is N:M along ``in`` and ``x.T`` is N:M along ``out``.
+
+    That is, every row and every column of every ``m x m`` tile over ``(out, in)`` (per
+    kernel tap) has at most ``n`` non-zeros.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_transposable_nm(np.eye(4), "1:4"), is_transposable_nm(np.ones((4, 4)), "2:4")
+    (True, False)
+    """
+    return is_nm_sparse(x, n, m, axis=1) and is_nm_sparse(x, n, m, axis=0)
+
+
+def kept_fraction(weight, mask):
+    """Kept magnitude ``sum |w * mask| / sum |w|`` (1.0 for an all-zero weight).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> kept_fraction(np.array([[3., -1]]), np.array([[True, False]]))
+    0.75
+    """
+    magnitude = np.abs(_as_numpy_float(weight))
+    total = magnitude.sum()
+    return float((magnitude * _as_numpy_bool(mask)).sum() / total) if total else 1.0
+
+
+def ratio_to_optimum(weight, mask, optimal_mask):
+    """Kept magnitude of ``mask`` over that of ``optimal_mask`` (1.0 = optimal).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.array([[3., -1, 2, 2]])
+    >>> ratio_to_optimum(w, np.array([[1, 1, 0, 0]]), nm_mask(w, "2:4"))
+    0.8
+    """
+    magnitude = np.abs(_as_numpy_float(weight))
+    best = (magnitude * _as_numpy_bool(optimal_mask)).sum()
+    kept = (magnitude * _as_numpy_bool(mask)).sum()
+    return float(kept / best) if best else 1.0
+
+
+def _check_weight(weight, name="weight"):
+    if not (isinstance(weight, np.ndarray) or is_torch(weight)):
+        raise TypeError(f"{name} must be a NumPy array or a torch Tensor, got {type(weight).__name__}; "
+                        f"wrap it with np.asarray(...) or torch.as_tensor(...)")
+    dtype = str(weight.dtype).replace("torch.", "")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a float dtype ({', '.join(_FLOAT_DTYPES)}), got {dtype}; "
+                        f"convert it first, e.g. {name}.astype('float32') or {name}.float()")
+    if weight.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (out, in[, *kernel]), got shape "
+                         f"{tuple(weight.shape)}; 1-D tensors such as biases have no N:M layout")
+    if weight.size == 0 if isinstance(weight, np.ndarray) else weight.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(weight.shape)}); there is nothing to mask")
+    finite = np.isfinite(weight) if isinstance(weight, np.ndarray) else weight.detach().isfinite()
+    if not finite.all():
+        bad = int((~finite).sum())
+        raise ValueError(f"{name} holds {bad} NaN or Inf value(s); replace them first "
+                         f"(np.nan_to_num / torch.nan_to_num) or fix the weights")
+
+
+def _host_dtype(tensor):
+    import torch
+
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _as_numpy_bool(x):
+    if is_torch(x):
+        return (x.detach() != 0).cpu().numpy()
+    return np.asarray(x) != 0
+
+
+def _as_numpy_float(x):
+    if is_torch(x):
+        return x.detach().to("cpu", dtype=_host_dtype(x)).numpy()
+    return np.asarray(x, dtype=np.float64)
