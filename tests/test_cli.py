@@ -17,6 +17,7 @@ from transposable.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "digits_mlp.safetensors"
+CONSOLE_SCRIPT = Path(sys.executable).parent / "transposable"  # installed by pip beside python
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def test_safetensors_output_records_pattern_and_method(capsys, files, tmp_path):
 
 def test_console_script_runs_the_bundled_example(tmp_path):
     out = tmp_path / "fc2_mask.safetensors"
-    result = subprocess.run(["transposable", "solve", EXAMPLE, "--key", "fc2.weight", "--pattern", "4:8",
+    result = subprocess.run([CONSOLE_SCRIPT, "solve", EXAMPLE, "--key", "fc2.weight", "--pattern", "4:8",
                              "--transposable", "-o", out], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "pattern  4:8 transposable" in result.stdout
