@@ -17,14 +17,15 @@ the registries below:
 Engines know nothing about files, modules or weight layouts; ``transposable`` does that.
 NumPy is enough to use them.
 """
-from . import exhaustive, greedy, mincostflow, rowwise
+from . import cyclecanceling, exhaustive, greedy, mincostflow, rowwise
 from .mincostflow import MinCostFlowError
 
 #: Engines for transposable N:M masks, by method name.
 TRANSPOSABLE = {
+    "cyclecanceling": cyclecanceling,
     "exhaustive": exhaustive,
     "greedy": greedy,
     "mincostflow": mincostflow,
 }
 
-__all__ = ["TRANSPOSABLE", "MinCostFlowError", "exhaustive", "greedy", "mincostflow", "rowwise"]
+__all__ = ["TRANSPOSABLE", "MinCostFlowError", "cyclecanceling", "exhaustive", "greedy", "mincostflow", "rowwise"]

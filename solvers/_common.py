@@ -8,13 +8,41 @@ def is_torch(x):
 
 
 def magnitudes(tiles):
-    """``|tiles|`` as a float32/float64 NumPy array (numba and OR-Tools need one of those)."""
-    a = np.abs(np.asarray(tiles))
-    if a.dtype not in (np.float32, np.float64):
-        a = a.astype(np.float32)  # float16 -> float32 is exact, so the ordering is kept
-    return a
+    """``|tiles|`` as a float32/float64 NumPy array (OR-Tools needs one of those)."""
+    return np.abs(compute_dtype(np.asarray(tiles)))
+
+
+def compute_dtype(array):
+    """``array`` as float32 or float64 (numba kernels are compiled for those two);
+    float16 -> float32 is exact, so no ordering changes."""
+    return array if array.dtype in (np.float32, np.float64) else array.astype(np.float32)
 
 
 def always(n, m):
     """``supports`` for engines that handle every pattern."""
     return None
+
+
+def as_grid(tiles):
+    """A tile grid ``(A, m, B, m)`` view of ``(K, m, m)`` tiles (or of a grid)."""
+    return tiles[:, :, None, :] if tiles.ndim == 3 else tiles
+
+
+def as_tiles(tiles):
+    """``(K, m, m)`` tiles of a grid ``(A, m, B, m)`` (a copy), or the tiles themselves."""
+    if tiles.ndim == 3:
+        return tiles
+    a, m, b, _ = tiles.shape
+    swapped = tiles.permute(0, 2, 1, 3) if is_torch(tiles) else tiles.transpose(0, 2, 1, 3)
+    return swapped.reshape(a * b, m, m)
+
+
+def shaped_like(result, tiles):
+    """``result`` (tiles or a grid) in the shape ``tiles`` came in."""
+    if result.ndim == tiles.ndim:
+        return result
+    if tiles.ndim == 3:  # a grid (K, m, 1, m) back to tiles
+        return result.reshape(tiles.shape)
+    a, m, b, _ = tiles.shape
+    grid = result.reshape(a, b, m, m)
+    return (grid.permute(0, 2, 1, 3) if is_torch(grid) else grid.transpose(0, 2, 1, 3)).reshape(tiles.shape)

@@ -1,15 +1,19 @@
-"""Exact transposable masks by enumeration: score every valid tile pattern at once.
+"""Exact transposable masks by enumeration: score every valid tile pattern.
 
 An m x m tile has only a few masks with ``n`` kept in every row and column (90 for 2:4),
-so one matrix product ``|tiles| @ patterns.T`` scores them all and the argmax is the
-optimum. Torch tensors are solved with torch on their own device.
+so scoring them all and taking the best is exact and cheap. NumPy tiles are scored by a
+numba kernel (row sums per column choice, sums over the top and bottom halves' choices,
+then one addition per pattern); torch tensors by one matrix product
+``|tiles| @ patterns.T`` on the tensor's own device.
 """
 import itertools
 from functools import lru_cache
 
 import numpy as np
+from numba import typeof, types
 
-from ._common import is_torch
+from ._common import as_grid, as_tiles, compute_dtype, is_torch, shaped_like
+from ._tile_kernels import exhaustive_grid
 
 ACCEPTS_TORCH = True
 EXACT = True
@@ -21,8 +25,56 @@ MAX_M = 5
 def supports(n, m):
     if m > MAX_M:
         return (f"the exhaustive method enumerates tiles up to m={MAX_M}, got m={m}; "
-                f"use method='mincostflow'")
+                f"use method='cyclecanceling' or 'mincostflow'")
     return None
+
+
+@lru_cache(maxsize=None)
+def row_patterns(n, m):
+    """Every n-regular m x m tile as one column choice per row.
+
+    Returns
+    -------
+    choices : ndarray of int, shape (C, n)
+        The column sets a row may keep, ``itertools.combinations`` order.
+    patterns : ndarray of int, shape (P, m)
+        For each tile pattern, the index into ``choices`` of every row, in lexicographic
+        order, so the first pattern keeps the lowest indices (ties resolve to it).
+    """
+    choices = np.array(list(itertools.combinations(range(m), n)), dtype=np.int64)
+    found = []
+
+    def extend(rows, col_count):
+        if len(rows) == m:
+            found.append(rows)
+            return
+        for c, cols in enumerate(choices):
+            counts = col_count.copy()
+            counts[cols] += 1
+            if counts.max() <= n:
+                extend(rows + [c], counts)
+
+    extend([], np.zeros(m, dtype=np.int64))
+    patterns = np.array(found, dtype=np.int64)
+    for table in (choices, patterns):
+        table.setflags(write=False)
+    return choices, patterns
+
+
+@lru_cache(maxsize=None)
+def split_patterns(n, m):
+    """The patterns of :func:`row_patterns` as (top, bottom) pairs for the kernel's meet
+    in the middle: ``top_rows`` lists every choice tuple of the first ``m // 2`` rows,
+    ``bottom_rows`` of the others, ``pairs`` the (top, bottom) index of each pattern."""
+    choices, rows = row_patterns(n, m)
+    h = m // 2
+    top_rows = np.array(list(itertools.product(range(len(choices)), repeat=h)), dtype=np.int64)
+    bottom_rows = np.array(list(itertools.product(range(len(choices)), repeat=m - h)), dtype=np.int64)
+    # itertools.product order is base-C positional, so a tuple's index is its base-C value
+    base = len(choices) ** np.arange(h - 1, -1, -1)
+    base_bottom = len(choices) ** np.arange(m - h - 1, -1, -1)
+    pairs = np.stack([rows[:, :h] @ base, rows[:, h:] @ base_bottom], axis=1).astype(np.int64)
+    return choices, top_rows, bottom_rows, pairs
 
 
 @lru_cache(maxsize=None)
@@ -32,30 +84,33 @@ def patterns(n, m):
     Returns
     -------
     ndarray of bool, shape (P, m*m)
-        Lexicographic order of the rows' column choices, so the first pattern keeps the
-        lowest indices (ties in ``solve`` resolve to it).
+        In the order of :func:`row_patterns`.
 
     Examples
     --------
     >>> patterns(2, 4).shape
     (90, 16)
     """
-    rows = [np.isin(np.arange(m), c) for c in itertools.combinations(range(m), n)]
-    found = []
+    choices, rows = row_patterns(n, m)
+    table = np.zeros((len(rows), m, m), dtype=bool)
+    for p, row_choice in enumerate(rows):
+        for i, c in enumerate(row_choice):
+            table[p, i, choices[c]] = True
+    table = table.reshape(len(rows), m * m)
+    table.setflags(write=False)
+    return table
 
-    def extend(chosen, col_count):
-        if len(chosen) == m:
-            found.append(np.concatenate(chosen))
-            return
-        for row in rows:
-            counts = col_count + row
-            if counts.max() <= n:
-                extend(chosen + [row], counts)
 
-    extend([], np.zeros(m, dtype=int))
-    out = np.array(found, dtype=bool)
-    out.setflags(write=False)
-    return out
+@lru_cache(maxsize=None)
+def _kernel(grid_type, n, m):
+    """``exhaustive_grid`` compiled for one pattern, with n, m and h as literal constants.
+
+    Resolved once through ``Dispatcher.compile`` (which also reads numba's cache): letting
+    the dispatcher force literals on every call costs about 40 ms a call.
+    """
+    table_types = tuple(typeof(table) for table in split_patterns(n, m))
+    literals = (types.literal(n), types.literal(m), types.literal(m // 2))
+    return exhaustive_grid.compile((grid_type, *table_types, *literals))
 
 
 def solve(tiles, n):
@@ -63,21 +118,23 @@ def solve(tiles, n):
 
     Parameters
     ----------
-    tiles : ndarray or Tensor, shape (K, m, m), ``m <= MAX_M``
-        Weights; the mask maximises the kept sum of their magnitudes.
+    tiles : ndarray or Tensor, shape (K, m, m) or (A, m, B, m), ``m <= MAX_M``
+        Weights: a batch of tiles, or a tile grid whose tile ``(a, b)`` is
+        ``tiles[a, :, b, :]``. The mask maximises the kept sum of their magnitudes.
     n : int
         Entries kept in every tile row and every tile column, ``0 < n < m``.
 
     Returns
     -------
-    ndarray or Tensor of bool, shape (K, m, m)
+    ndarray or Tensor of bool, same shape as ``tiles``
         Same kind and device as ``tiles``.
 
     Notes
     -----
     Exact. Scores are summed in float64 (float32 on GPUs, where float64 is slow); among
-    equal scores the lowest-index pattern wins. Cost ``O(K * P * m**2)`` for ``P``
-    patterns, one matrix product.
+    equal scores the lowest-index pattern wins. Cost per tile ``O(P + C**(m/2) * m)``
+    for ``P`` patterns and ``C`` row choices (numba, in parallel over tiles), or
+    ``O(P * m**2)`` as one matrix product (torch).
 
     Examples
     --------
@@ -89,14 +146,15 @@ def solve(tiles, n):
            [0, 0, 1, 1],
            [0, 0, 1, 1]])
     """
-    k, m, _ = tiles.shape
-    table = patterns(n, m)
-    if is_torch(tiles):
-        import torch
+    m = tiles.shape[-1]
+    if not is_torch(tiles):
+        grid = as_grid(compute_dtype(tiles))
+        return shaped_like(_kernel(typeof(grid), n, m)(grid, *split_patterns(n, m), n, m, m // 2), tiles)
+    import torch
 
-        dtype = torch.float32 if tiles.device.type == "cuda" else torch.float64
-        table_t = torch.tensor(table, device=tiles.device)  # a copy: the cached table is read-only
-        scores = tiles.reshape(k, m * m).abs().to(dtype) @ table_t.to(dtype).T
-        return table_t[scores.argmax(dim=1)].reshape(k, m, m)
-    scores = np.abs(tiles.reshape(k, m * m)).astype(np.float64) @ table.T.astype(np.float64)
-    return table[scores.argmax(axis=1)].reshape(k, m, m)
+    flat = as_tiles(tiles)
+    k = flat.shape[0]
+    dtype = torch.float32 if flat.device.type == "cuda" else torch.float64
+    table = torch.tensor(patterns(n, m), device=flat.device)  # a copy: the cache is read-only
+    scores = flat.reshape(k, m * m).abs().to(dtype) @ table.to(dtype).T
+    return shaped_like(table[scores.argmax(dim=1)].reshape(k, m, m), tiles)

@@ -8,7 +8,7 @@ optimal flow is the optimal mask. Many tiles share one solver call as disjoint s
 import numpy as np
 from ortools.graph.python import min_cost_flow
 
-from ._common import always, magnitudes
+from ._common import always, as_tiles, magnitudes, shaped_like
 
 ACCEPTS_TORCH = False
 EXACT = True
@@ -32,8 +32,9 @@ def solve(tiles, n, *, arcs_per_call=ARCS_PER_CALL):
 
     Parameters
     ----------
-    tiles : ndarray, shape (K, m, m)
-        Weights; the mask maximises the kept sum of their magnitudes.
+    tiles : ndarray, shape (K, m, m) or (A, m, B, m)
+        Weights: a batch of tiles, or a tile grid whose tile ``(a, b)`` is
+        ``tiles[a, :, b, :]``. The mask maximises the kept sum of their magnitudes.
     n : int
         Entries kept in every tile row and every tile column, ``0 < n < m``.
     arcs_per_call : int, optional
@@ -41,7 +42,7 @@ def solve(tiles, n, *, arcs_per_call=ARCS_PER_CALL):
 
     Returns
     -------
-    ndarray of bool, shape (K, m, m)
+    ndarray of bool, same shape as ``tiles``
 
     Raises
     ------
@@ -66,14 +67,14 @@ def solve(tiles, n, *, arcs_per_call=ARCS_PER_CALL):
            [0, 0, 1, 1],
            [0, 0, 1, 1]])
     """
-    weights = magnitudes(tiles)
+    weights = magnitudes(as_tiles(tiles))
     k, m, _ = weights.shape
     mask = np.empty(weights.shape, dtype=bool)
     tiles_per_call = max(1, arcs_per_call // (m * m))
     for start in range(0, k, tiles_per_call):
         batch = weights[start:start + tiles_per_call]
         mask[start:start + len(batch)] = _solve_batch(batch, n)
-    return mask
+    return shaped_like(mask, tiles)
 
 
 def _solve_batch(weights, n):

@@ -130,7 +130,7 @@ def test_pattern_forms_are_equivalent(rng):
 def test_methods_are_case_insensitive_and_auto_picks_the_fastest_exact():
     assert resolve_method("Greedy", tp.parse_pattern("2:4")) == "greedy"
     assert resolve_method("auto", tp.parse_pattern("2:4")) == "exhaustive"
-    assert resolve_method("auto", tp.parse_pattern("8:16")) == "mincostflow"
+    assert resolve_method("auto", tp.parse_pattern("8:16")) == "cyclecanceling"
 
 
 # ---- checkers and metrics -------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_row_wise_rejects_bad_weights_the_same_way():
 
 
 @pytest.mark.parametrize("method,match", [
-    ("simplex", r"unknown method 'simplex'; choose from \['auto', 'exhaustive', 'greedy', 'mincostflow'\]"),
+    ("simplex", r"unknown method 'simplex'; choose from \['auto', 'cyclecanceling', 'exhaustive', 'greedy', 'mincostflow'\]"),
     (None, "unknown method None"),
 ])
 def test_unknown_method(method, match):
@@ -217,7 +217,7 @@ def test_unknown_method(method, match):
 
 
 def test_method_that_cannot_solve_the_pattern():
-    with pytest.raises(ValueError, match=r"method 'exhaustive' cannot solve pattern 4:8: .*use method='mincostflow'"):
+    with pytest.raises(ValueError, match=r"method 'exhaustive' cannot solve pattern 4:8: .*use method='cyclecanceling' or 'mincostflow'"):
         tp.transposable_mask(np.ones((8, 8)), "4:8", method="exhaustive")
 
 

@@ -84,13 +84,29 @@ def test_greedy_keeps_at_least_half_of_the_optimum(tiles, n):
 
 
 @pytest.mark.parametrize("eps", [1e-3, 1e-6])
-def test_greedy_on_its_worst_case_keeps_half(eps):
+def test_greedy_on_its_worst_case_keeps_half_and_2opt_repairs_it(eps):
     # Taking the single largest entry forces the zero: greedy 1+eps, optimum 2.
     tile = np.array([[[1 + eps, 1.0], [1.0, 0.0]]])
-    mask = solvers.greedy.solve(tile, 1)
-    assert_valid_tiles(mask, 1)
-    ratio = kept(tile[0], mask[0]) / brute_force_best(tile[0], 1)
+    plain = solvers.greedy.solve(tile, 1, rounds=0)
+    assert_valid_tiles(plain, 1)
+    ratio = kept(tile[0], plain[0]) / brute_force_best(tile[0], 1)
     assert 0.5 <= ratio < 0.51
+    improved = solvers.greedy.solve(tile, 1)  # one 2-opt swap reaches the optimum
+    assert kept(tile[0], improved[0]) == brute_force_best(tile[0], 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16), (3, 8)])
+def test_2opt_never_makes_the_greedy_worse(n, m, kind, rng):
+    tiles = random_tiles(rng, 300, m, kind)
+    before = np.where(solvers.greedy.solve(tiles, n, rounds=0), np.abs(tiles), 0).sum(axis=(1, 2))
+    for rounds in (1, 3):
+        masks = solvers.greedy.solve(tiles, n, rounds=rounds)
+        assert_valid_tiles(masks, n)
+        after = np.where(masks, np.abs(tiles), 0).sum(axis=(1, 2))
+        assert (after >= before).all()
+    if kind == "gaussian":
+        assert after.sum() > before.sum()
 
 
 def test_greedy_keeps_98_percent_on_gaussian_4_8(rng):
@@ -101,13 +117,15 @@ def test_greedy_keeps_98_percent_on_gaussian_4_8(rng):
 
 
 def test_greedy_completion_fills_rows_the_greedy_pass_leaves_short():
-    from solvers._greedy_kernels import greedy_tile
+    from solvers._tile_kernels import greedy_tile, order_entries
 
     tile = np.array([[2., 8, 6, 8], [8, 8, 3, 4], [6, 2, 9, 0], [8, 6, 2, 7]])
     keep, rows, cols = np.zeros((4, 4), bool), np.zeros(4, np.int64), np.zeros(4, np.int64)
-    greedy_tile(tile, 2, keep, rows, cols)
-    assert rows.tolist() == [2, 2, 1, 2]  # the plain greedy pass keeps only 7 of 8
-    mask = solvers.greedy.solve(tile[None], 2)
+    keys, key_floats, order = np.empty(16, np.int64), np.empty(16, np.float32), np.empty(16, np.int64)
+    order_entries(tile, keys, key_floats, key_floats.view(np.int32), order)
+    assert greedy_tile(tile, 2, keep, rows, cols, order) == 7  # the plain greedy pass keeps 7 of 8
+    assert rows.tolist() == [2, 2, 1, 2]
+    mask = solvers.greedy.solve(tile[None], 2, rounds=0)
     assert_valid_tiles(mask, 2)
     assert kept(tile, mask[0]) > kept(tile, keep)  # here the best 3-hop path gains weight
 
@@ -125,7 +143,7 @@ def test_engines_are_deterministic_and_break_ties_towards_low_indices(name):
 def test_greedy_and_exhaustive_ties_follow_lowest_index_order():
     tile = np.array([[[3., 3, 3, 1], [3, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]])
     # Greedy keeps (0,0), (0,1) [lowest index among the tied 3s], then (1,0).
-    assert solvers.greedy.solve(tile, 2)[0][0].tolist() == [True, True, False, False]
+    assert solvers.greedy.solve(tile, 2, rounds=0)[0][0].tolist() == [True, True, False, False]
 
 
 @pytest.mark.parametrize("n,m,expected", [(1, 4, 24), (2, 4, 90), (3, 4, 24), (1, 3, 6), (2, 5, 2040)])
@@ -137,7 +155,7 @@ def test_exhaustive_enumerates_every_regular_tile(n, m, expected):
 
 
 def test_exhaustive_refuses_large_tiles():
-    assert "use method='mincostflow'" in solvers.exhaustive.supports(4, 8)
+    assert "use method='cyclecanceling' or 'mincostflow'" in solvers.exhaustive.supports(4, 8)
     assert solvers.exhaustive.supports(2, 4) is None
 
 
@@ -188,3 +206,35 @@ def test_rowwise_keeps_the_n_largest_of_each_group(n, m, kind, rng):
 def test_rowwise_ties_go_to_the_lowest_index():
     assert solvers.rowwise.solve(np.array([[2., 2, 2, 2], [1, -3, 3, 0]]), 2).tolist() == [
         [True, True, False, False], [False, True, True, False]]
+
+
+@pytest.mark.parametrize("kind", KINDS + ("uniform",))
+@pytest.mark.parametrize("n,m,count", [(2, 4, 3000), (4, 8, 2000), (8, 16, 1000), (16, 32, 150), (3, 8, 1000)])
+def test_cyclecanceling_matches_mincostflow_on_thousands_of_tiles(n, m, count, kind, rng):
+    if kind == "uniform":
+        tiles = rng.uniform(-1, 1, (count, m, m))
+    else:
+        tiles = random_tiles(rng, count, m, kind)
+    masks = solvers.cyclecanceling.solve(tiles, n)
+    assert_valid_tiles(masks, n)
+    reference = solvers.mincostflow.solve(tiles, n)
+    ours = np.where(masks, np.abs(tiles), 0).sum(axis=(1, 2))
+    best = np.where(reference, np.abs(tiles), 0).sum(axis=(1, 2))
+    # Both are exact up to mincostflow's documented integer-scaling tolerance.
+    tolerance = n * m * np.abs(tiles).max(axis=(1, 2)) / solvers.mincostflow.COST_SCALE
+    assert (ours >= best - tolerance).all()
+    assert (ours <= best + tolerance).all()
+
+
+@pytest.mark.parametrize("name", sorted(solvers.TRANSPOSABLE))
+def test_a_tile_grid_gives_the_same_masks_as_its_tiles(name, rng):
+    n, m = (2, 4) if name == "exhaustive" else (4, 8)
+    weight = rng.standard_normal((3 * m, 5 * m)).astype(np.float32)
+    grid = weight.reshape(3, m, 5, m)  # a view: tile (a, b) is grid[a, :, b, :]
+    tiles = np.ascontiguousarray(grid.transpose(0, 2, 1, 3)).reshape(-1, m, m)
+    from_grid = solvers.TRANSPOSABLE[name].solve(grid, n)
+    assert from_grid.shape == grid.shape
+    from_tiles = solvers.TRANSPOSABLE[name].solve(tiles, n)
+    assert (from_grid.transpose(0, 2, 1, 3).reshape(-1, m, m) == from_tiles).all()
+    strided = solvers.TRANSPOSABLE[name].solve(weight[:, ::-1].copy()[:, ::-1].reshape(3, m, 5, m), n)
+    assert (strided == from_grid).all()

@@ -14,7 +14,7 @@ _AXIS_NAMES = {0: "out", 1: "in"}
 
 
 class Layout:
-    """How one weight shape is cut into groups ``(G, m)`` or tiles ``(K, m, m)``.
+    """How one weight shape is cut into groups ``(G, m)`` or a tile grid ``(A, m, B, m)``.
 
     Parameters
     ----------
@@ -52,7 +52,9 @@ class Layout:
         self.padded = tuple(padded)
 
     def blocks(self, weight):
-        """Cut a weight (NumPy or torch) into tiles ``(K, m, m)`` or groups ``(G, m)``."""
+        """Cut a weight (NumPy or torch) into groups ``(G, m)`` or, if transposable, a tile
+        grid ``(A, m, B, m)`` whose tile ``(a, b)`` is ``grid[a, :, b, :]`` (for an
+        unpadded 2-D weight this is a view, no copy)."""
         out, inp = self.shape[:2]
         m = self.m
         mats = _permute(weight, (*range(2, weight.ndim), 0, 1)).reshape(self.taps, out, inp)
@@ -61,17 +63,12 @@ class Layout:
         out_p, in_p = self.padded
         if not self.transposable:
             return mats.reshape(-1, m)
-        tiles = mats.reshape(self.taps, out_p // m, m, in_p // m, m)
-        return _permute(tiles, (0, 1, 3, 2, 4)).reshape(-1, m, m)
+        return mats.reshape(self.taps * out_p // m, m, in_p // m, m)
 
     def unblock(self, blocks):
         """Inverse of ``blocks``: back to the weight's shape, padding cropped."""
         out, inp = self.shape[:2]
         out_p, in_p = self.padded
-        m = self.m
-        if self.transposable:
-            tiles = blocks.reshape(self.taps, out_p // m, in_p // m, m, m)
-            blocks = _permute(tiles, (0, 1, 3, 2, 4))
         mats = blocks.reshape(self.taps, out_p, in_p)[:, :out, :inp]
         full = mats.reshape(*self.shape[2:], out, inp)
         nd = len(self.shape)

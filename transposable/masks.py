@@ -79,10 +79,10 @@ def transposable_mask(weight, n, m=None, *, method="auto", pad=False):
     m : int, optional
         Tile size when ``n`` is an integer.
     method : str, default "auto"
-        ``"mincostflow"`` (exact, OR-Tools), ``"exhaustive"`` (exact, m <= 5, runs on the
-        weight's device), ``"greedy"`` (2-approximation, numba), or ``"auto"``: the
-        fastest exact method for the pattern, ``"exhaustive"`` up to m = 5, else
-        ``"mincostflow"``.
+        ``"cyclecanceling"`` (exact, numba), ``"mincostflow"`` (exact, OR-Tools),
+        ``"exhaustive"`` (exact, m <= 5, runs on the weight's device), ``"greedy"``
+        (2-approximation improved by 2-opt, numba), or ``"auto"``: the fastest exact
+        method for the pattern, ``"exhaustive"`` up to m = 5, else ``"cyclecanceling"``.
     pad : bool, default False
         Pad ``out`` and ``in`` with zeros to multiples of ``m``, solve, and crop the mask
         (rows and columns of a cropped tile then keep at most ``n``).
@@ -107,8 +107,9 @@ def transposable_mask(weight, n, m=None, *, method="auto", pad=False):
     Notes
     -----
     Maximises the kept ``sum |w|`` (L1). Per tile this is a max-weight b-matching, solved
-    exactly as a min-cost flow (Hubara et al. 2021), exactly by enumerating the valid
-    tiles, or by the greedy 2-approximation completed to exactly ``n`` per row/column.
+    exactly as a min-cost flow (Hubara et al. 2021) by OR-Tools or by compiled
+    cycle canceling from a greedy warm start, exactly by enumerating the valid tiles, or
+    approximately by the greedy completed to exactly ``n`` per row/column.
     Results are deterministic: the same input gives the same mask on every run.
 
     References
@@ -134,8 +135,10 @@ def transposable_mask(weight, n, m=None, *, method="auto", pad=False):
     if not is_torch(weight):
         return layout.unblock(engine.solve(layout.blocks(weight), pattern.n))
     data = weight.detach()
-    if engine.ACCEPTS_TORCH:
+    if engine.ACCEPTS_TORCH and data.device.type != "cpu":
         return layout.unblock(engine.solve(layout.blocks(data), pattern.n))
+    # CPU tensors take the compiled NumPy path (faster than torch there); a tensor on an
+    # accelerator goes to the host only for engines that cannot run on it.
     host = data.to("cpu", dtype=_host_dtype(data)).numpy()
     mask = layout.unblock(engine.solve(layout.blocks(host), pattern.n))
     import torch
@@ -155,13 +158,13 @@ def resolve_method(method, pattern):
     --------
     >>> from transposable.patterns import parse_pattern
     >>> resolve_method("auto", parse_pattern("2:4")), resolve_method("AUTO", parse_pattern("4:8"))
-    ('exhaustive', 'mincostflow')
+    ('exhaustive', 'cyclecanceling')
     """
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     name = method.lower()
     if name == "auto":
-        return "exhaustive" if solvers.exhaustive.supports(*pattern) is None else "mincostflow"
+        return "exhaustive" if solvers.exhaustive.supports(*pattern) is None else "cyclecanceling"
     reason = solvers.TRANSPOSABLE[name].supports(*pattern)
     if reason:
         raise ValueError(f"method {name!r} cannot solve pattern {pattern}: {reason}")
@@ -263,11 +266,23 @@ def _check_weight(weight, name="weight"):
                          f"{tuple(weight.shape)}; 1-D tensors such as biases have no N:M layout")
     if weight.size == 0 if isinstance(weight, np.ndarray) else weight.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(weight.shape)}); there is nothing to mask")
-    finite = np.isfinite(weight) if isinstance(weight, np.ndarray) else weight.detach().isfinite()
-    if not finite.all():
+    if not _all_finite(weight):
+        finite = np.isfinite(weight) if isinstance(weight, np.ndarray) else weight.detach().isfinite()
         bad = int((~finite).sum())
         raise ValueError(f"{name} holds {bad} NaN or Inf value(s); replace them first "
                          f"(np.nan_to_num / torch.nan_to_num) or fix the weights")
+
+
+def _all_finite(weight):
+    """No NaN or Inf in ``weight``: a sum is finite only if every term is, and one
+    reduction is far cheaper than a full-size boolean temporary. A finite weight whose
+    sum overflows falls back to the element-wise check."""
+    if isinstance(weight, np.ndarray):
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = weight.sum()
+        return bool(np.isfinite(total)) or bool(np.isfinite(weight).all())
+    data = weight.detach()
+    return bool(data.sum().isfinite()) or bool(data.isfinite().all())
 
 
 def _host_dtype(tensor):
