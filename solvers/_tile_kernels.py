@@ -86,7 +86,8 @@ def greedy_tile(w, n, keep, row_count, col_count, order):
 @njit(cache=True)
 def best_short_path(w, n, keep, col_count, start):
     """The largest-gain augmenting path start -> c1 -> r1 -> c with ``c`` short:
-    keep (start, c1), drop (r1, c1), keep (r1, c). Returns (c1, r1, c), or c = -1 if none."""
+    keep (start, c1), drop (r1, c1), keep (r1, c). Returns (c1, r1, c); see
+    ``complete_tile`` for why one exists."""
     m = w.shape[0]
     best, best_c1, best_r1, best_c = -np.inf, -1, -1, -1
     for c in range(m):
@@ -104,60 +105,25 @@ def best_short_path(w, n, keep, col_count, start):
 
 
 @njit(cache=True)
-def shortest_path(n, keep, col_count, start, parent_of_col, parent_of_row, queue):
-    """Breadth-first search for any augmenting path from row ``start`` to a short
-    column; fills the parent arrays and returns the end column."""
-    m = keep.shape[0]
-    parent_of_col[:] = -1
-    parent_of_row[:] = -1
-    parent_of_row[start] = start
-    queue[0] = start
-    head, tail = 0, 1
-    while head < tail:
-        u = queue[head]
-        head += 1
-        for v in range(m):
-            if keep[u, v] or parent_of_col[v] >= 0:
-                continue
-            parent_of_col[v] = u
-            if col_count[v] < n:
-                return v
-            for u2 in range(m):
-                if keep[u2, v] and parent_of_row[u2] < 0:
-                    parent_of_row[u2] = v
-                    queue[tail] = u2
-                    tail += 1
-    return -1  # unreachable: an n-regular completion always exists
+def complete_tile(w, n, keep, row_count, col_count):
+    """Fill every row and column of the tile up to exactly ``n`` kept entries, each
+    missing unit by the largest-gain augmenting path start -> c1 -> r1 -> c.
 
-
-@njit(cache=True)
-def complete_tile(w, n, keep, row_count, col_count, parent_of_col, parent_of_row, queue):
-    """Fill every row and column of the tile up to exactly ``n`` kept entries.
-
-    After the greedy pass no dropped entry has both its row and its column short, so each
-    missing unit needs an augmenting path: row -> col (dropped) -> row (kept) -> ... -> a
-    short column. Take the largest-gain path of three hops; where none exists, the
-    shortest path a breadth-first search finds (one exists, since n-regular masks do).
-    A path may trade kept weight for the missing entry.
+    Such a path always exists. After the greedy pass no dropped entry has both its row
+    and its column short, and augmenting keeps it so (only the path's end counts grow).
+    Take a short row r and a short column c: (r, c) is kept. Let R be the rows that drop
+    c, C the columns r drops. If no kept entry lay in R x C, every row of R would keep
+    only columns r keeps (fewer than n: short), and every column of C would be kept only
+    by rows keeping c (fewer than n: short), so any entry of R x C would be dropped with
+    a short row and a short column. A path may trade kept weight for the missing entry.
     """
     m = w.shape[0]
     for start in range(m):
         while row_count[start] < n:
             c1, r1, c = best_short_path(w, n, keep, col_count, start)
-            if c >= 0:
-                keep[start, c1] = True
-                keep[r1, c1] = False
-                keep[r1, c] = True
-            else:
-                c = shortest_path(n, keep, col_count, start, parent_of_col, parent_of_row, queue)
-                v = c
-                while True:
-                    u = parent_of_col[v]
-                    keep[u, v] = True
-                    if u == start:
-                        break
-                    keep[u, parent_of_row[u]] = False
-                    v = parent_of_row[u]
+            keep[start, c1] = True
+            keep[r1, c1] = False
+            keep[r1, c] = True
             row_count[start] += 1
             col_count[c] += 1
 
@@ -172,7 +138,7 @@ def hop_column(w, keep, i, k):
     return best_j
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"nnan", "nsz", "reassoc"})
 def hop_costs(w, keep, hop_cost, kept_w, dropped_w, rows, changed):
     """Row-graph hop costs ``hop_cost[i, k] = min_j kept_w[k, j] - dropped_w[i, j]``, a
     branch-free min-plus product: ``kept_w`` is ``w`` where kept, else +inf, and
@@ -248,9 +214,12 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
     only the cheapest column matters. Residual cycles and row-graph cycles are the same
     thing, so no negative row cycle means optimal. Every row starts at distance 0 (a
     virtual source); a hop relaxes only when it gains more than ``tol``, so on return no
-    cycle gains more than ``m * tol``. A cycle in the predecessor graph is always
-    negative, so it is looked for after every pass, not only after the m-th. Returns the
-    number of cycles canceled.
+    cycle gains more than ``m * tol``. Passes run until nothing relaxes (optimal) or the
+    predecessor graph has a cycle: every such cycle is negative (around it, each
+    predecessor's distance plus the hop cost is at most the distance it set, and the last
+    hop set lowered one by more than ``tol``), and while a negative cycle exists one
+    appears after finitely many passes (Cherkassky and Goldberg, 1999). Returns the number
+    of cycles canceled.
     """
     m = w.shape[0]
     canceled = 0
@@ -258,8 +227,7 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
     while True:
         dist[:] = 0.0
         pred[:] = -1
-        start = -1
-        for _ in range(m):
+        while True:
             relaxed[:] = False
             any_relaxed = False
             for i in range(m):
@@ -312,9 +280,6 @@ def solve_grid(grid, n, rounds, exact):
         key_floats = np.empty(size, np.float32)
         key_bits = key_floats.view(np.int32)
         order = np.empty(size, np.int64)
-        parent_of_col = np.empty(m, np.int64)
-        parent_of_row = np.empty(m, np.int64)
-        queue = np.empty(m, np.int64)
         hop_cost = np.empty((m, m))
         kept_w = np.empty((m, m))
         dropped_w = np.empty((m, m))
@@ -330,7 +295,7 @@ def solve_grid(grid, n, rounds, exact):
             col_count[:] = 0
             order_entries(w, keys, key_floats, key_bits, order)
             if greedy_tile(w, n, keep, row_count, col_count, order) < n * m:
-                complete_tile(w, n, keep, row_count, col_count, parent_of_col, parent_of_row, queue)
+                complete_tile(w, n, keep, row_count, col_count)
             tol = 1e-12 * w.max()  # far above float64 rounding of an m-hop cycle
             if rounds > 0:
                 two_opt_tile(w, keep, rounds, tol, hop_cost, kept_w, dropped_w, changed)

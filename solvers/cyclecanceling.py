@@ -8,10 +8,10 @@ in numba, in parallel over tiles.
 """
 import numpy as np
 
-from ._common import always, as_grid, compute_dtype, shaped_like
+from ._common import always, as_grid, as_tiles, compute_dtype, is_torch, shaped_like
 from ._tile_kernels import solve_grid
 
-ACCEPTS_TORCH = False
+ACCEPTS_TORCH = True
 EXACT = True
 supports = always
 
@@ -21,15 +21,17 @@ def solve(tiles, n):
 
     Parameters
     ----------
-    tiles : ndarray, shape (K, m, m) or (A, m, B, m)
+    tiles : ndarray or Tensor, shape (K, m, m) or (A, m, B, m)
         Weights: a batch of tiles, or a tile grid whose tile ``(a, b)`` is
         ``tiles[a, :, b, :]``. The mask maximises the kept sum of their magnitudes.
+        Tensors are solved with torch on their own device (for refreshing masks on a GPU
+        without copying weights to the host), vectorized over tiles.
     n : int
         Entries kept in every tile row and every tile column, ``0 < n < m``.
 
     Returns
     -------
-    ndarray of bool, same shape as ``tiles``
+    ndarray or Tensor of bool, same shape, kind and device as ``tiles``
 
     Notes
     -----
@@ -40,7 +42,8 @@ def solve(tiles, n):
     that row i would take from row k), whose cycles are exactly the residual cycles.
     Sums run in float64; a hop must gain more than ``1e-12 * max|w_tile|``, so each
     tile's kept sum is within ``n * m**2 * 1e-12 * max|w_tile|`` of the optimum, tighter
-    than ``mincostflow``'s integer scaling. Cost per tile: the greedy warm start, then
+    than ``mincostflow``'s integer scaling. On a GPU, sums run in float32 and a hop must
+    gain more than ``1e-6 * max|w_tile|``. Cost per tile: the greedy warm start, then
     ``O(m**3)`` to build the row graph and per Bellman-Ford pass, per canceled cycle.
 
     Examples
@@ -53,5 +56,9 @@ def solve(tiles, n):
            [0, 0, 1, 1],
            [0, 0, 1, 1]])
     """
+    if is_torch(tiles):
+        from . import _torch_tiles
+
+        return shaped_like(_torch_tiles.solve(as_tiles(tiles), n, 0, True), tiles)
     grid = as_grid(compute_dtype(np.asarray(tiles)))
     return shaped_like(solve_grid(grid, n, 0, True), tiles)  # 2-opt swaps are 2-cycles: no need

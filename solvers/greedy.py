@@ -8,10 +8,10 @@ few rounds.
 """
 import numpy as np
 
-from ._common import always, as_grid, compute_dtype, shaped_like
+from ._common import always, as_grid, as_tiles, compute_dtype, is_torch, shaped_like
 from ._tile_kernels import solve_grid
 
-ACCEPTS_TORCH = False
+ACCEPTS_TORCH = True
 EXACT = False
 supports = always
 
@@ -26,10 +26,11 @@ def solve(tiles, n, *, rounds=ROUNDS):
 
     Parameters
     ----------
-    tiles : ndarray, shape (K, m, m) or (A, m, B, m)
+    tiles : ndarray or Tensor, shape (K, m, m) or (A, m, B, m)
         Weights: a batch of tiles, or a tile grid whose tile ``(a, b)`` is
         ``tiles[a, :, b, :]`` (an ``(out, in)`` matrix reshaped, no copy). The mask tries
-        to maximise the kept sum of their magnitudes.
+        to maximise the kept sum of their magnitudes. Tensors are solved with torch on
+        their own device, vectorized over tiles, step for step as the numba kernels.
     n : int
         Entries kept in every tile row and every tile column, ``0 < n < m``.
     rounds : int, optional
@@ -37,7 +38,7 @@ def solve(tiles, n, *, rounds=ROUNDS):
 
     Returns
     -------
-    ndarray of bool, same shape as ``tiles``
+    ndarray or Tensor of bool, same shape, kind and device as ``tiles``
 
     Notes
     -----
@@ -60,4 +61,8 @@ def solve(tiles, n, *, rounds=ROUNDS):
            [0, 0, 1, 1],
            [0, 0, 1, 1]])
     """
+    if is_torch(tiles):
+        from . import _torch_tiles
+
+        return shaped_like(_torch_tiles.solve(as_tiles(tiles), n, rounds, False), tiles)
     return shaped_like(solve_grid(as_grid(compute_dtype(np.asarray(tiles))), n, rounds, False), tiles)

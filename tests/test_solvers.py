@@ -238,3 +238,42 @@ def test_a_tile_grid_gives_the_same_masks_as_its_tiles(name, rng):
     assert (from_grid.transpose(0, 2, 1, 3).reshape(-1, m, m) == from_tiles).all()
     strided = solvers.TRANSPOSABLE[name].solve(weight[:, ::-1].copy()[:, ::-1].reshape(3, m, 5, m), n)
     assert (strided == from_grid).all()
+
+
+TORCH_ENGINES = [name for name, engine in solvers.TRANSPOSABLE.items() if engine.ACCEPTS_TORCH]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16), (3, 8)])
+def test_torch_engines_match_the_numba_kernels(n, m, kind, rng):
+    tiles = random_tiles(rng, 200, m, kind).astype(np.float32)
+    for name in [e for e in TORCH_ENGINES if e in engines_for(m)]:
+        from_torch = solvers.TRANSPOSABLE[name].solve(torch.from_numpy(tiles), n)
+        assert isinstance(from_torch, torch.Tensor) and from_torch.dtype == torch.bool
+        assert_valid_tiles(from_torch, n)
+        from_numpy = solvers.TRANSPOSABLE[name].solve(tiles, n)
+        if solvers.TRANSPOSABLE[name].EXACT:  # both optimal: the same kept sum per tile
+            kept_torch = np.where(from_torch.numpy(), np.abs(tiles), 0).sum(axis=(1, 2))
+            kept_numpy = np.where(from_numpy, np.abs(tiles), 0).sum(axis=(1, 2))
+            assert np.allclose(kept_torch, kept_numpy, rtol=1e-12, atol=0)
+        else:  # same steps, same ties: the same masks
+            assert (from_torch.numpy() == from_numpy).all()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@requires_cuda
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16)])
+def test_engines_on_cuda_agree_with_the_cpu(n, m, rng):
+    tiles = rng.standard_normal((2000, m, m)).astype(np.float32)
+    exact = np.where(solvers.mincostflow.solve(tiles, n), np.abs(tiles), 0).sum(axis=(1, 2))
+    for name in [e for e in TORCH_ENGINES if e in engines_for(m)]:
+        mask = solvers.TRANSPOSABLE[name].solve(torch.from_numpy(tiles).cuda(), n)
+        assert mask.device.type == "cuda"
+        assert_valid_tiles(mask, n)
+        ours = np.where(mask.cpu().numpy(), np.abs(tiles), 0).sum(axis=(1, 2))
+        if solvers.TRANSPOSABLE[name].EXACT:  # float32 sums on the GPU
+            assert (ours >= exact * (1 - 1e-5)).all()
+        else:
+            assert ours.sum() >= 0.99 * exact.sum()

@@ -79,10 +79,11 @@ def transposable_mask(weight, n, m=None, *, method="auto", pad=False):
     m : int, optional
         Tile size when ``n`` is an integer.
     method : str, default "auto"
-        ``"cyclecanceling"`` (exact, numba), ``"mincostflow"`` (exact, OR-Tools),
-        ``"exhaustive"`` (exact, m <= 5, runs on the weight's device), ``"greedy"``
-        (2-approximation improved by 2-opt, numba), or ``"auto"``: the fastest exact
-        method for the pattern, ``"exhaustive"`` up to m = 5, else ``"cyclecanceling"``.
+        ``"cyclecanceling"`` (exact), ``"exhaustive"`` (exact, m <= 5), ``"greedy"``
+        (2-approximation improved by 2-opt), ``"mincostflow"`` (exact, OR-Tools, on the
+        host), or ``"auto"``: the fastest exact method for the pattern, ``"exhaustive"``
+        up to m = 5, else ``"cyclecanceling"``. On the CPU they run compiled (numba); a
+        tensor on an accelerator is solved there by torch, except by ``"mincostflow"``.
     pad : bool, default False
         Pad ``out`` and ``in`` with zeros to multiples of ``m``, solve, and crop the mask
         (rows and columns of a cropped tile then keep at most ``n``).
