@@ -1,5 +1,6 @@
 """The ``transposable`` command."""
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import solvers
 
 from . import __version__
+from .diversity import STRUCTURES, diversity_table, mask_diversity
 from .io import file_format, load_tensor, save_tensors
 from .masks import METHODS, kept_fraction, nm_mask, resolve_method, transposable_mask
 from .patterns import parse_pattern
@@ -60,6 +62,23 @@ def _build_parser():
                        help="mask file: .npy, or the input's own format")
     solve.add_argument("--force", action="store_true", help="replace an existing output file")
     solve.set_defaults(run=_solve)
+
+    diversity = commands.add_parser(
+        "diversity", help="count the masks a sparsity structure allows (mask diversity)",
+        description="Mask diversity (Hubara et al. 2021): the number of masks a structure allows "
+                    "over a tensor, as log10 (and the exact integer when it is short). "
+                    "With --table, every structure at one density side by side.")
+    diversity.add_argument("--shape", required=True, type=_shape,
+                           help="tensor shape, e.g. 768x3072 (out x in[ x kernel...]), or a weight count")
+    diversity.add_argument("--pattern", help="N:M for row-wise or transposable masks, e.g. 4:8")
+    diversity.add_argument("--transposable", action="store_true", help="transposable N:M (M x M tiles)")
+    diversity.add_argument("--structure", choices=STRUCTURES,
+                           help="default: transposable with --transposable, else rowwise")
+    diversity.add_argument("--density", type=float, help="fraction kept, for unstructured, block and --table")
+    diversity.add_argument("--block", type=int, help="block side b for b x b block sparsity")
+    diversity.add_argument("--table", action="store_true",
+                           help="compare every structure at --density (default 0.5)")
+    diversity.set_defaults(run=_diversity)
     return parser
 
 
@@ -89,6 +108,45 @@ def _solve(args):
             ("wrote", args.output)]
     for name, value in rows:
         print(f"{name:<8} {value}")
+
+
+def _shape(text):
+    try:
+        dims = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 768x3072 or 1000000, got {text!r}") from None
+    if min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
+    return dims[0] if len(dims) == 1 else dims
+
+
+def _diversity(args):
+    size = args.shape if isinstance(args.shape, int) else math.prod(args.shape)
+    shown = args.shape if isinstance(args.shape, int) else "x".join(map(str, args.shape))
+    if args.table:
+        density = 0.5 if args.density is None else args.density
+        rows = diversity_table(args.shape, density)
+        unstructured = rows[0][1].log10
+        print(f"mask diversity over {shown} ({size} weights) at density {density:g}")
+        print(f"| {'structure':<22} | {'log10 MD':>16} | {'per weight':>10} | {'vs unstructured':>16} |")
+        print(f"|{'-' * 24}|{'-' * 18}|{'-' * 12}|{'-' * 18}|")
+        for label, md in rows:
+            mark = " (estimate)" if md.estimated else ""
+            print(f"| {label + mark:<22} | {md.log10:16.2f} | {md.log10 / size:10.5f} | "
+                  f"{md.log10 - unstructured:16.2f} |")
+        return
+    structure = args.structure or ("transposable" if args.transposable else "rowwise")
+    if args.transposable and structure != "transposable":
+        raise ValueError(f"--transposable conflicts with --structure {structure}")
+    md = mask_diversity(structure, args.shape, args.pattern, density=args.density, block=args.block)
+    label = structure + (f" {parse_pattern(args.pattern)}" if args.pattern else "")
+    print(f"structure  {label}")
+    print(f"shape      {shown} ({size} weights)")
+    print(f"log10 MD   {md.log10:.4f}{' (asymptotic estimate)' if md.estimated else ''}")
+    if not md.estimated:
+        digits = int(md.log10) + 1
+        print(f"exact      {md.exact()}" if digits <= 60 else
+              f"exact      {digits} digits (transposable.diversity.mask_diversity(...).exact())")
 
 
 def _check_output(source, output):
