@@ -46,3 +46,15 @@ def shaped_like(result, tiles):
     a, m, b, _ = tiles.shape
     grid = result.reshape(a, b, m, m)
     return (grid.permute(0, 2, 1, 3) if is_torch(grid) else grid.transpose(0, 2, 1, 3)).reshape(tiles.shape)
+
+
+def greedy_then_improve(tiles, n, rounds, exact):
+    """Greedy, completion, ``rounds`` of 2-opt and, if ``exact``, cycle canceling: with
+    numba on NumPy tiles, with torch on a tensor's own device; same shape out."""
+    if is_torch(tiles):
+        from . import _torch_tiles
+
+        return shaped_like(_torch_tiles.solve(as_tiles(tiles), n, rounds, exact), tiles)
+    from ._tile_kernels import solve_grid
+
+    return shaped_like(solve_grid(as_grid(compute_dtype(np.asarray(tiles))), n, rounds, exact), tiles)

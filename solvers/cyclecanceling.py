@@ -6,10 +6,7 @@ the optimum, so few cycles are left to cancel (0.6 per 4:8 tile, 2.8 per 8:16 ti
 Gaussian weights); the Bellman-Ford run that finds none is the certificate. Everything runs
 in numba, in parallel over tiles.
 """
-import numpy as np
-
-from ._common import always, as_grid, as_tiles, compute_dtype, is_torch, shaped_like
-from ._tile_kernels import solve_grid
+from ._common import always, greedy_then_improve
 
 ACCEPTS_TORCH = True
 EXACT = True
@@ -56,9 +53,4 @@ def solve(tiles, n):
            [0, 0, 1, 1],
            [0, 0, 1, 1]])
     """
-    if is_torch(tiles):
-        from . import _torch_tiles
-
-        return shaped_like(_torch_tiles.solve(as_tiles(tiles), n, 0, True), tiles)
-    grid = as_grid(compute_dtype(np.asarray(tiles)))
-    return shaped_like(solve_grid(grid, n, 0, True), tiles)  # 2-opt swaps are 2-cycles: no need
+    return greedy_then_improve(tiles, n, rounds=0, exact=True)  # 2-opt swaps are 2-cycles: not needed

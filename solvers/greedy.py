@@ -6,10 +6,7 @@ no tile keeps fewer weights than the pattern allows (the reference implementatio
 leave rows short). Finally, 2-opt swaps between pairs of rows improve the mask for a
 few rounds.
 """
-import numpy as np
-
-from ._common import always, as_grid, as_tiles, compute_dtype, is_torch, shaped_like
-from ._tile_kernels import solve_grid
+from ._common import always, greedy_then_improve
 
 ACCEPTS_TORCH = True
 EXACT = False
@@ -48,8 +45,9 @@ def solve(tiles, n, *, rounds=ROUNDS):
     three-hop path, else the shortest), which may trade some kept weight; the tests check
     that the completed mask still keeps at least half of the optimum. Each 2-opt pass
     tries, for every pair of rows, the best exchange of one kept column each
-    (``O(m**3)``) and never lowers the kept sum. Ties go to the lowest flat index. ``O(m**2 log m + rounds * m**3)`` per tile, so linear in the
-    number of tiles; compiled with numba and run in parallel over tiles.
+    (``O(m**3)``) and never lowers the kept sum. Ties go to the lowest flat index.
+    ``O(m**2 log m + rounds * m**3)`` per tile, so linear in the number of tiles;
+    compiled with numba and run in parallel over tiles.
 
     Examples
     --------
@@ -61,8 +59,4 @@ def solve(tiles, n, *, rounds=ROUNDS):
            [0, 0, 1, 1],
            [0, 0, 1, 1]])
     """
-    if is_torch(tiles):
-        from . import _torch_tiles
-
-        return shaped_like(_torch_tiles.solve(as_tiles(tiles), n, rounds, False), tiles)
-    return shaped_like(solve_grid(as_grid(compute_dtype(np.asarray(tiles))), n, rounds, False), tiles)
+    return greedy_then_improve(tiles, n, rounds, exact=False)
