@@ -8,6 +8,7 @@ from pathlib import Path
 import solvers
 
 from . import __version__
+from .convert import convert_checkpoint
 from .diversity import STRUCTURES, diversity_table, mask_diversity
 from .io import file_format, load_tensor, save_tensors
 from .masks import METHODS, kept_fraction, nm_mask, resolve_method, transposable_mask
@@ -79,6 +80,39 @@ def _build_parser():
     diversity.add_argument("--table", action="store_true",
                            help="compare every structure at --density (default 0.5)")
     diversity.set_defaults(run=_diversity)
+
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint to N:M or transposable N:M",
+        description="Write an N:M (or transposable N:M) copy of a checkpoint: PyTorch files "
+                    "(.pt/.pth/.bin, read with weights_only=True), .safetensors, or sharded "
+                    "safetensors (give the *.safetensors.index.json). Linear and conv weights are "
+                    "masked (embeddings, norms and biases are not, by default); everything else is "
+                    "copied byte for byte. Safetensors are streamed one tensor at a time.")
+    convert.add_argument("input", help="checkpoint file, or a *.safetensors.index.json")
+    convert.add_argument("-o", "--output", required=True,
+                         help="output of the same kind (for sharded input: the new index path)")
+    convert.add_argument("--pattern", required=True, help="N:M, N kept of every M, e.g. 2:4")
+    convert.add_argument("--transposable", action="store_true", help="transposable masks (M x M tiles)")
+    convert.add_argument("--method", default=None, choices=METHODS, type=str.lower,
+                         help="transposable solver (default: auto, the fastest exact one)")
+    convert.add_argument("--include", action="append", default=[], metavar="GLOB",
+                         help="convert only tensors whose names match (repeatable)")
+    convert.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                         help="also leave these tensors alone (repeatable)")
+    convert.add_argument("--pad", action="store_true",
+                         help="pad weights that do not tile instead of leaving them dense")
+    convert.add_argument("--report", metavar="FILE", help="also write the per-tensor report as JSON")
+    convert.add_argument("--force", action="store_true", help="replace existing output files")
+    convert.set_defaults(run=_convert)
+
+    demo = commands.add_parser(
+        "demo", help="train, prune and convert a small model on bundled data (offline)",
+        description="Train an MLP on the bundled digits, prune it to 50%% unstructured, save the "
+                    "checkpoint, convert it to 2:4 transposable by magnitude and by AdaPrune, and "
+                    "print the test accuracy of each.")
+    demo.add_argument("--pattern", default="2:4", help="N:M to convert to (default 2:4)")
+    demo.add_argument("--keep", metavar="DIR", help="keep the checkpoints in this existing directory")
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -149,10 +183,56 @@ def _diversity(args):
               f"exact      {digits} digits (transposable.diversity.mask_diversity(...).exact())")
 
 
-def _check_output(source, output):
+def _convert(args):
+    if args.method is not None and not args.transposable:
+        raise ValueError("--method chooses the transposable solver; add --transposable or drop --method")
+    if args.report:
+        _check_output(args.input, args.report, allowed=(".json",))
+    report = convert_checkpoint(args.input, args.output, args.pattern, transposable=args.transposable,
+                                method=args.method or "auto", include=args.include, exclude=args.exclude,
+                                pad=args.pad, force=args.force, progress=sys.stderr.isatty())
+    print(f"| {'tensor':<40} | {'shape':<16} | {'density':>7} | {'kept L1':>7} | "
+          f"{'nz kept':>7} | {'seconds':>7} | status")
+    print(f"|{'-' * 42}|{'-' * 18}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 8}")
+    for t in report.tensors:
+        numbers = (f"{t.density:7.3f} | {t.kept_l1:7.4f} | {t.nonzeros_kept:7.4f} | {t.seconds:7.3f}"
+                   if t.status == "converted" else f"{'-':>7} | {'-':>7} | {'-':>7} | {'-':>7}")
+        print(f"| {t.name:<40} | {'x'.join(map(str, t.shape)):<16} | {numbers} | {t.status}")
+    summary = report.summary()
+    kept = f"{summary['kept_l1']:.4f}" if summary["kept_l1"] is not None else "-"
+    print(f"converted {summary['converted']} of {summary['tensors']} tensors ({summary['converted_weights']} "
+          f"weights) to {report.pattern}{' transposable' if report.transposable else ''} with {report.method}; "
+          f"{summary['left_dense']} left dense, {summary['skipped']} skipped; kept L1 {kept}; "
+          f"{summary['seconds']:.2f} s solving")
+    print(f"wrote {args.output}")
+    if args.report:
+        from .io import atomic_output
+
+        with atomic_output(args.report, force=args.force) as tmp:
+            Path(tmp).write_text(report.to_json())
+        print(f"wrote {args.report}")
+
+
+def _demo(args):
+    from .demo import run_demo
+
+    if args.keep and not Path(args.keep).is_dir():
+        raise FileNotFoundError(f"--keep directory '{args.keep}' does not exist")
+    rows = run_demo(workdir=args.keep, pattern=args.pattern)
+    print(f"\n| {'model':<44} | {'Linear weights non-zero':>23} | {'test accuracy':>13} |")
+    print(f"|{'-' * 46}|{'-' * 25}|{'-' * 15}|")
+    for label, kept, accuracy in rows:
+        print(f"| {label:<44} | {kept:23.3f} | {accuracy:13.4f} |")
+
+
+def _check_output(source, output, allowed=None):
     """Refuse outputs that would replace the input or change its format."""
     if Path(output).resolve() == Path(source).resolve():
         raise ValueError(f"output '{output}' is the input file; the input is never overwritten")
+    if allowed is not None:
+        if Path(output).suffix.lower() not in allowed:
+            raise ValueError(f"'{output}' must end in {' or '.join(allowed)}")
+        return
     if file_format(output) not in ("npy", file_format(source)):
         raise ValueError(f"output '{output}' must be .npy or the input's format "
                          f"({Path(source).suffix})")

@@ -6,6 +6,7 @@ files with ``torch.load(..., weights_only=True)``. Outputs are written to a temp
 in the destination directory and renamed into place only once complete.
 """
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -85,19 +86,39 @@ def load_tensor(path, key=None):
     return tensors[name], name
 
 
-def _load_torch(path):
+def load_torch_file(path):
+    """The object in a PyTorch file, read with ``weights_only=True`` (memory-mapped when the
+    file allows it, so tensors are paged in only when used).
+
+    Raises
+    ------
+    ValueError
+        If the file holds objects other than tensors and plain containers, or is corrupt.
+    """
     import pickle
 
     import torch
 
+    _check_readable(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except pickle.UnpicklingError as exc:
         raise ValueError(f"'{path}' holds objects other than tensors and was refused: it is read "
                          f"with torch.load(weights_only=True), which never runs code from a file "
                          f"({_first_line(exc)})") from exc
     except Exception as exc:
         raise ValueError(f"cannot read '{path}' as a PyTorch file: {_first_line(exc)}") from exc
+
+
+def _load_torch(path):
+    import torch
+
+    obj = load_torch_file(path)
     if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, dict):
@@ -256,3 +277,69 @@ def _to_torch(x):
     import torch
 
     return x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+
+
+# ---- safetensors, streamed -------------------------------------------------------------
+
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                           "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+                           "F64": 8}
+
+
+def read_safetensors_header(path):
+    """The header of a safetensors file, checked against the file's size.
+
+    Returns
+    -------
+    tensors : dict of str to dict
+        ``{name: {"dtype", "shape", "data_offsets"}}`` in file order; offsets are relative to
+        ``data_start``.
+    metadata : dict of str to str
+    data_start : int
+
+    Raises
+    ------
+    ValueError
+        If the file is truncated or its header is corrupt.
+    """
+    import json
+
+    _check_readable(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"'{path}' is not a safetensors file: only {size} bytes")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > size - 8 or header_size > 100_000_000:
+            raise ValueError(f"'{path}' is truncated or not a safetensors file: its header claims "
+                             f"{header_size} bytes, the file has {size}")
+        try:
+            header = json.loads(f.read(header_size))
+        except ValueError as exc:
+            raise ValueError(f"'{path}' has a corrupt safetensors header: {_first_line(exc)}") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_size
+    tensors = dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
+    end = 0
+    for name, info in tensors.items():
+        begin, stop = info["data_offsets"]
+        expected = math.prod(info["shape"]) * SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
+        if begin != end or stop - begin != expected:
+            raise ValueError(f"'{path}' is corrupt: tensor {name!r} has inconsistent offsets")
+        end = stop
+    if data_start + end > size:
+        raise ValueError(f"'{path}' is truncated: its tensors need {data_start + end} bytes, "
+                         f"the file has {size}")
+    return tensors, metadata, data_start
+
+
+def safetensors_header_bytes(tensors, metadata):
+    """The 8-byte length and JSON header for ``tensors`` (name -> dtype, shape, offsets),
+    padded with spaces so that data starts 8-byte aligned."""
+    import json
+
+    header = {"__metadata__": metadata, **tensors} if metadata else dict(tensors)
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-(8 + len(body)) % 8)
+    return len(body).to_bytes(8, "little") + body
