@@ -113,6 +113,16 @@ def _build_parser():
     demo.add_argument("--pattern", default="2:4", help="N:M to convert to (default 2:4)")
     demo.add_argument("--keep", metavar="DIR", help="keep the checkpoints in this existing directory")
     demo.set_defaults(run=_demo)
+
+    train = commands.add_parser(
+        "train", help="train N:M-sparse networks from scratch (--demo: on bundled data)",
+        description="With --demo: train a small MLP on the bundled digits dense, and 2:4 / 4:8 sparse, "
+                    "row-wise and transposable, with STE and SR-STE; print test accuracy and the final "
+                    "SAD (mask entries flipped at the last refresh). Train your own models with "
+                    "transposable.nn.sparsify and MaskRefresher.")
+    train.add_argument("--demo", action="store_true", help="run the bundled demo (required)")
+    train.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
+    train.set_defaults(run=_train)
     return parser
 
 
@@ -223,6 +233,21 @@ def _demo(args):
     print(f"|{'-' * 46}|{'-' * 25}|{'-' * 15}|")
     for label, kept, accuracy in rows:
         print(f"| {label:<44} | {kept:23.3f} | {accuracy:13.4f} |")
+
+
+def _train(args):
+    from .demo import run_training_demo
+
+    if not args.demo:
+        raise ValueError("only --demo is available from the command line; train your own model with "
+                         "transposable.nn.sparsify and MaskRefresher (see the README)")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    rows = run_training_demo(epochs=args.epochs, progress=sys.stderr.isatty(), log=lambda *a: None)
+    print(f"| {'model':<26} | {'test accuracy':>13} | {'final SAD':>10} |")
+    print(f"|{'-' * 28}|{'-' * 15}|{'-' * 12}|")
+    for label, accuracy, sad in rows:
+        print(f"| {label:<26} | {accuracy:13.4f} | {'-' if sad is None else f'{sad:.5f}':>10} |")
 
 
 def _check_output(source, output, allowed=None):

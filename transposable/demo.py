@@ -110,3 +110,49 @@ def run_demo(workdir=None, pattern="2:4", seed=0, log=print):
                      kept_fraction_of_linear_weights(fitted), accuracy(fitted, x_test, y_test)))
         log(f"converted by AdaPrune: test accuracy {rows[-1][2]:.4f}")
     return rows
+
+
+def run_training_demo(epochs=30, seed=0, log=print, progress=True):
+    """Train the digits MLP from scratch dense, and N:M-sparse with STE and SR-STE at 2:4
+    and 4:8, row-wise and transposable. Returns ``[(label, test accuracy, final SAD), ...]``
+    where SAD is the fraction of mask entries flipped at the last refresh (None if dense)."""
+    from tqdm import tqdm
+
+    from .nn import MaskRefresher, sparsify
+
+    x, y = load_digits()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x_train, y_train, x_test, y_test = x[order[:1200]], y[order[:1200]], x[order[1200:]], y[order[1200:]]
+    runs = [("dense", None, None, None)]
+    for pattern in ("2:4", "4:8"):
+        for transposable in (False, True):
+            for gradient in ("ste", "srste"):
+                kind = "transposable" if transposable else "row-wise"
+                runs.append((f"{pattern} {kind} {gradient.upper().replace('SRSTE', 'SR-STE')}",
+                             pattern, transposable, gradient))
+    rows = []
+    for label, pattern, transposable, gradient in tqdm(runs, desc="training", disable=not progress, leave=False):
+        torch.manual_seed(seed)
+        model = make_model()
+        refresher = None
+        optimizer = None
+        if pattern is not None:
+            # First and last layers stay dense (10 outputs do not tile anyway); refresh every
+            # 40 steps for transposable masks (Hubara et al.), every step row-wise (Zhou et al.).
+            sparsify(model, pattern, transposable=transposable, gradient=gradient, skip_last=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        if pattern is not None:
+            refresher = MaskRefresher(model).attach(optimizer)
+        batches = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
+        for _ in range(epochs):
+            model.train()
+            for start in range(0, len(x_train), 64):
+                index = batches[start:start + 64]
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x_train[index]), y_train[index]).backward()
+                optimizer.step()
+            batches = batches[torch.randperm(len(batches))]
+        sad = refresher.history[-1]["total"]["fraction"] if refresher and refresher.history else None
+        rows.append((label, accuracy(model, x_test, y_test), sad))
+        log(f"{label}: test accuracy {rows[-1][1]:.4f}" + (f", final SAD {sad:.5f}" if sad is not None else ""))
+    return rows

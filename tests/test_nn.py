@@ -1,0 +1,266 @@
+"""Sparse training: layers against a dense W*S reference, STE and SR-STE gradients, mask
+refresh, SAD, checkpoints, export, torch.compile, DDP, the demo, and CUDA sparse GEMMs."""
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import transposable as tp
+from checks import assert_valid_mask
+from transposable.cli import main
+from transposable.nn import MaskRefresher, SparseLinear, export, sparse_layers, sparsify
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def reference_grads(layer_fn, weight, mask, bias, x):
+    """Output and gradients of a plain dense layer that multiplies W*S (W*S a leaf)."""
+    masked = (weight * mask).detach().requires_grad_(True)
+    bias_ref = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = layer_fn(x_ref, masked, bias_ref)
+    out.pow(2).sum().backward()
+    return out.detach(), x_ref.grad, masked.grad, bias_ref.grad if bias_ref is not None else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gradient", ["ste", "srste"])
+@pytest.mark.parametrize("transposable", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_outputs_and_gradients_equal_a_dense_masked_reference(dtype, gradient, transposable, kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = nn.Linear(16, 8).to(dtype)
+        x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)  # leading dims are kept
+        functional = F.linear
+    else:
+        layer = nn.Conv2d(8, 16, 3, padding=1).to(dtype)
+        x = torch.randn(2, 8, 6, 6, dtype=dtype, requires_grad=True)
+        functional = lambda inp, w, b: F.conv2d(inp, w, b, padding=1)  # noqa: E731
+    sparsify(layer, "2:4", transposable=transposable, gradient=gradient, srste_decay=0.25)
+    out = layer(x)
+    out.pow(2).sum().backward()
+    ref_out, ref_x_grad, ref_w_grad, ref_b_grad = reference_grads(functional, layer.weight, layer.mask, layer.bias, x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(x.grad, ref_x_grad)
+    decay = 0.25 * layer.weight.detach() * ~layer.mask if gradient == "srste" else 0
+    torch.testing.assert_close(layer.weight.grad, ref_w_grad + decay)  # straight through, all entries
+    torch.testing.assert_close(layer.bias.grad, ref_b_grad)
+    assert_valid_mask(layer.mask, 2, 4, transposable=transposable)
+
+
+def test_srste_on_a_hand_worked_example():
+    layer = nn.Linear(4, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, -4.0]]))
+        layer.bias.fill_(0.5)
+    sparsify(layer, "2:4", transposable=False, srste_decay=0.5)
+    assert layer.mask.tolist() == [[False, False, True, True]]  # keeps |3| and |-4|
+    out = layer(torch.ones(1, 4))
+    assert out.item() == 3.0 - 4.0 + 0.5
+    out.sum().backward()
+    # dL/dW~ = x = 1 everywhere (STE), plus 0.5 * (1 - S) * W on the pruned 1 and -2.
+    assert layer.weight.grad.tolist() == [[1.5, 0.0, 1.0, 1.0]]
+    assert layer.bias.grad.tolist() == [1.0]
+
+
+def test_parameter_names_and_objects_are_unchanged():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Conv1d(16, 8, 1))
+    before = dict(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # made before sparsify
+    sparsify(model, "2:4")
+    assert dict(model.named_parameters()) == before
+    assert isinstance(model[0], nn.Linear) and isinstance(model[0], SparseLinear)
+    assert sorted(k for k in model.state_dict() if k.endswith("mask")) == ["0.mask", "2.mask"]
+    model[0](torch.randn(2, 8)).sum().backward()
+    optimizer.step()  # the optimizer still holds the trained parameters
+
+
+def train(model, refresher, steps, seed=0):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    refresher.attach(optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(16, 16, generator=generator)).pow(2).mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("transposable,method", [(True, "greedy"), (True, "auto"), (False, "auto")])
+def test_masks_stay_valid_after_every_refresh(transposable, method):
+    torch.manual_seed(0)
+    model = sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)), "2:4",
+                     transposable=transposable, refresh_every=1, refresh_method=method)
+    refresher = MaskRefresher(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    refresher.attach(optimizer)
+    for step in range(6):
+        optimizer.zero_grad()
+        model(torch.randn(16, 16)).pow(2).mean().backward()
+        optimizer.step()
+        for _, layer in sparse_layers(model):
+            assert_valid_mask(layer.mask, 2, 4, transposable=transposable)
+            if not transposable:  # row-wise refreshes are exact: the best mask of the weights
+                assert torch.equal(layer.mask, tp.nm_mask(layer.weight.detach(), "2:4"))
+    assert [r["step"] for r in refresher.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_refresh_schedule_defaults_follow_the_papers():
+    transposable = sparsify(nn.Linear(8, 8), "2:4")
+    rowwise = sparsify(nn.Linear(8, 8), "2:4", transposable=False)
+    assert transposable.refresh_every == 40 and rowwise.refresh_every == 1
+    refresher = MaskRefresher(transposable)
+    for _ in range(80):
+        refresher.step()
+    assert [r["step"] for r in refresher.history] == [40, 80]
+
+
+def test_sad_counts_a_scripted_mask_change():
+    layer = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2, 3, 4]] * 4))
+    sparsify(layer, "2:4", transposable=False)
+    refresher = MaskRefresher(layer)
+    with torch.no_grad():
+        layer.weight[0] = torch.tensor([4.0, 3, 2, 1])  # row 0 swaps its two kept entries: 4 flips
+    record = refresher.refresh()
+    assert record["layers"][""] == {"flips": 4, "fraction": 4 / 16}
+    assert record["total"] == {"flips": 4, "fraction": 0.25}
+    assert refresher.refresh()["total"]["flips"] == 0  # nothing changed since
+    table = refresher.table()
+    assert "| 0 | 4 | 4 | 0.25000 |" in table and "| 0 | 0 | 0 | 0.00000 |" in table
+
+
+def test_state_dict_round_trip_and_resume_reproduce_the_masks(tmp_path):
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))  # noqa: E731
+    model = sparsify(make(), "2:4", refresh_every=3)
+    refresher = MaskRefresher(model)
+    train(model, refresher, steps=4)
+    torch.save({"model": model.state_dict(), "refresher": refresher.state_dict()}, tmp_path / "ckpt.pt")
+
+    torch.manual_seed(1)  # different initial weights and masks
+    resumed = sparsify(make(), "2:4", refresh_every=3)
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_refresher = MaskRefresher(resumed)
+    resumed_refresher.load_state_dict(checkpoint["refresher"])
+    for (_, a), (_, b) in zip(sparse_layers(model), sparse_layers(resumed)):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(model(x), resumed(x))
+    train(model, refresher, steps=5, seed=7)  # both continue identically
+    train(resumed, resumed_refresher, steps=5, seed=7)
+    for (_, a), (_, b) in zip(sparse_layers(model), sparse_layers(resumed)):
+        assert torch.equal(a.mask, b.mask)
+    assert refresher.history == resumed_refresher.history
+
+
+def test_include_exclude_first_last_and_non_tiling_layers(caplog):
+    def make():
+        return nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 10))
+
+    model = sparsify(make(), "2:4", skip_first=True)
+    assert [n for n, _ in sparse_layers(model)] == ["1", "2"]  # "3" has 10 outputs: does not tile
+    assert "3: weight (10, 16) does not tile at 2:4; left dense" in caplog.text
+    assert [n for n, _ in sparse_layers(sparsify(make(), "2:4", skip_last=True, transposable=False))] == ["0", "1", "2"]
+    assert [n for n, _ in sparse_layers(sparsify(make(), "2:4", include=["1", "2"], exclude=["2"]))] == ["1"]
+    per_layer = sparsify(make(), "2:4", srste_decay={"1": 0.1}, skip_last=True)
+    assert per_layer[1].srste_decay == 0.1 and per_layer[2].srste_decay == 2e-4
+    assert sparsify(make(), "2:4", gradient="ste", skip_last=True)[1].srste_decay == 0.0
+
+
+def test_export_folds_masks_into_plain_layers():
+    torch.manual_seed(0)
+    model = sparsify(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Conv1d(16, 8, 1)), "2:4")
+    x = torch.randn(2, 16)
+    expected = model[0](x)
+    export(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Conv1d
+    torch.testing.assert_close(model[0](x), expected)
+    assert tp.is_transposable_nm(model[0].weight, "2:4")
+    fresh = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Conv1d(16, 8, 1))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)), "2:4")
+    x = torch.randn(4, 16)
+    eager = model(x)
+    eager.sum().backward()
+    eager_grad = model[0].weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(model[0].weight.grad, eager_grad)
+
+
+def test_cpu_falls_back_to_dense_gemms_with_one_log_line(caplog):
+    layer = sparsify(nn.Linear(64, 64), "2:4")
+    with caplog.at_level(logging.INFO, logger="transposable"):
+        layer(torch.randn(2, 64))
+        layer(torch.randn(2, 64))
+    lines = [r.getMessage() for r in caplog.records if "dense masked GEMMs" in r.getMessage()]
+    assert lines == ["SparseLinear(64, 64): dense masked GEMMs: not on a CUDA device"]
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="gradient must be 'srste' or 'ste', got 'adam'"):
+        sparsify(nn.Linear(8, 8), "2:4", gradient="adam")
+    with pytest.raises(ValueError, match="no layer to sparsify at 2:4"):
+        sparsify(nn.Sequential(nn.Linear(8, 6)), "2:4")
+    with pytest.raises(ValueError, match="unknown method 'fast'"):
+        sparsify(nn.Linear(8, 8), "2:4", refresh_method="fast")
+    with pytest.raises(ValueError, match="has no sparse layers; call sparsify"):
+        MaskRefresher(nn.Linear(8, 8))
+
+
+def test_ddp_two_processes_keep_identical_masks(tmp_path):
+    worker = Path(__file__).with_name("ddp_worker.py")
+    out = tmp_path / "checked"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(worker), str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [int(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)] == [4, 4]  # refreshes at steps 2, 4, 6, 8
+
+
+def test_train_demo_cli(capsys):
+    code = main(["train", "--demo", "--epochs", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "test accuracy" not in line]
+    assert len(rows) == 9 and rows[0].startswith("| dense")
+    assert all(float(row.split("|")[2]) > 0.5 for row in rows)  # every run learns
+    assert rows[0].split("|")[3].strip() == "-" and all(r.split("|")[3].strip() != "-" for r in rows[1:])
+    assert main(["train"]) == 1
+    assert "only --demo is available" in capsys.readouterr().err
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse_gemms_on_cuda_match_the_dense_masked_path(dtype):
+    torch.manual_seed(0)
+    layer = sparsify(nn.Linear(256, 128).cuda().to(dtype), "2:4")
+    dense = sparsify(nn.Linear(256, 128).cuda().to(dtype), "2:4")
+    dense.load_state_dict(layer.state_dict())
+    x = torch.randn(64, 256, device="cuda", dtype=dtype, requires_grad=True)
+    x_dense = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    assert layer._kernels is not None  # the sparse path was taken
+    dense._sparse_kernels = lambda: None  # force the dense masked GEMMs on the twin
+    ref = dense(x_dense)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    out.float().pow(2).sum().backward()
+    ref.float().pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_dense.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer.weight.grad, dense.weight.grad, rtol=2e-2, atol=2e-2)
