@@ -224,14 +224,27 @@ def test_errors():
         MaskRefresher(nn.Linear(8, 8))
 
 
-def test_ddp_two_processes_keep_identical_masks(tmp_path):
+def run_ddp_workers(out):
     worker = Path(__file__).with_name("ddp_worker.py")
-    out = tmp_path / "checked"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(worker), str(out)], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [int(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)] == [4, 4]  # refreshes at steps 2, 4, 6, 8
+    for path in (Path(f"{out}.0"), Path(f"{out}.1")):
+        path.unlink(missing_ok=True)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(out)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_ddp_two_processes_keep_identical_masks(tmp_path):
+    out = tmp_path / "checked"
+    result = run_ddp_workers(out)
+    verdicts = [Path(f"{out}.{rank}") for rank in (0, 1)]
+    if result.returncode != 0 and all(v.exists() for v in verdicts):
+        # Known issue (README): on this 2-core machine an early burst of runs saw a rank
+        # abort at interpreter exit, after its work and verdict were done ("terminate called
+        # without an active exception"; gloo together with numba's thread pool). Such a run
+        # is retried once; a second abort, or any failure during the work, fails the test.
+        result = run_ddp_workers(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [int(v.read_text()) for v in verdicts] == [4, 4]  # refreshes at steps 2, 4, 6, 8
 
 
 def test_train_demo_cli(capsys):
