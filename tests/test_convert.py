@@ -218,6 +218,7 @@ def test_cli_convert_writes_output_and_json_report(capsys, tmp_path):
     ("directory", "is a directory"),
     ("missing", "no such file"),
     ("method", "--method chooses the transposable solver"),
+    ("npy", r"is a .npy array, not a checkpoint"),
 ])
 def test_cli_convert_errors_are_one_line_and_write_nothing(capsys, tmp_path, case, match):
     src = tmp_path / "in"
@@ -258,6 +259,11 @@ def test_cli_convert_errors_are_one_line_and_write_nothing(capsys, tmp_path, cas
         args = [src / "nope.safetensors", "-o", out]
     elif case == "method":
         args += ["--method", "greedy"]
+    elif case == "npy":
+        import numpy as np
+
+        np.save(src / "w.npy", np.ones((4, 4), dtype=np.float32))
+        args = [src / "w.npy", "-o", tmp_path / "o.npy"]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     code, _, err = run(capsys, "convert", *args, "--pattern", "2:4")
     assert code == 1 and err.count("\n") == 1 and err.startswith("transposable convert: error: "), err

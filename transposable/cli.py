@@ -52,13 +52,7 @@ def _build_parser():
                                     "or .safetensors")
     solve.add_argument("--key", help="tensor name inside a .pt or .safetensors file "
                                      "(needed when it holds several)")
-    solve.add_argument("--pattern", required=True, help="N:M, N kept of every M, e.g. 2:4")
-    solve.add_argument("--transposable", action="store_true",
-                       help="make the mask's transpose N:M too (M x M tiles)")
-    solve.add_argument("--method", default=None, choices=METHODS, type=str.lower,
-                       help="transposable solver (default: auto, the fastest exact one)")
-    solve.add_argument("--pad", action="store_true",
-                       help="pad dimensions that are not a multiple of M with zeros, then crop")
+    _add_mask_options(solve, pad_help="pad dimensions that are not a multiple of M with zeros, then crop")
     solve.add_argument("-o", "--output", required=True,
                        help="mask file: .npy, or the input's own format")
     solve.add_argument("--force", action="store_true", help="replace an existing output file")
@@ -91,16 +85,11 @@ def _build_parser():
     convert.add_argument("input", help="checkpoint file, or a *.safetensors.index.json")
     convert.add_argument("-o", "--output", required=True,
                          help="output of the same kind (for sharded input: the new index path)")
-    convert.add_argument("--pattern", required=True, help="N:M, N kept of every M, e.g. 2:4")
-    convert.add_argument("--transposable", action="store_true", help="transposable masks (M x M tiles)")
-    convert.add_argument("--method", default=None, choices=METHODS, type=str.lower,
-                         help="transposable solver (default: auto, the fastest exact one)")
+    _add_mask_options(convert, pad_help="pad weights that do not tile instead of leaving them dense")
     convert.add_argument("--include", action="append", default=[], metavar="GLOB",
                          help="convert only tensors whose names match (repeatable)")
     convert.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                          help="also leave these tensors alone (repeatable)")
-    convert.add_argument("--pad", action="store_true",
-                         help="pad weights that do not tile instead of leaving them dense")
     convert.add_argument("--report", metavar="FILE", help="also write the per-tensor report as JSON")
     convert.add_argument("--force", action="store_true", help="replace existing output files")
     convert.set_defaults(run=_convert)
@@ -126,11 +115,27 @@ def _build_parser():
     return parser
 
 
-def _solve(args):
-    pattern = parse_pattern(args.pattern)
+def _add_mask_options(parser, pad_help):
+    """--pattern, --transposable, --method and --pad, as solve and convert share them."""
+    parser.add_argument("--pattern", required=True, help="N:M, N kept of every M, e.g. 2:4")
+    parser.add_argument("--transposable", action="store_true",
+                        help="make every mask's transpose N:M too (M x M tiles)")
+    parser.add_argument("--method", default=None, choices=METHODS, type=str.lower,
+                        help="transposable solver (default: auto, the fastest exact one)")
+    parser.add_argument("--pad", action="store_true", help=pad_help)
+
+
+def _method(args):
+    """The --method asked for ("auto" if none); only meaningful with --transposable."""
     if args.method is not None and not args.transposable:
         raise ValueError("--method chooses the transposable solver; add --transposable or drop --method")
-    method = resolve_method(args.method or "auto", pattern) if args.transposable else "rowwise"
+    return args.method or "auto"
+
+
+def _solve(args):
+    pattern = parse_pattern(args.pattern)
+    method = _method(args)
+    method = resolve_method(method, pattern) if args.transposable else "rowwise"
     _check_output(args.file, args.output)
     weight, key = load_tensor(args.file, args.key)
 
@@ -194,12 +199,11 @@ def _diversity(args):
 
 
 def _convert(args):
-    if args.method is not None and not args.transposable:
-        raise ValueError("--method chooses the transposable solver; add --transposable or drop --method")
+    method = _method(args)
     if args.report:
         _check_output(args.input, args.report, allowed=(".json",))
     report = convert_checkpoint(args.input, args.output, args.pattern, transposable=args.transposable,
-                                method=args.method or "auto", include=args.include, exclude=args.exclude,
+                                method=method, include=args.include, exclude=args.exclude,
                                 pad=args.pad, force=args.force, progress=sys.stderr.isatty())
     print(f"| {'tensor':<40} | {'shape':<16} | {'density':>7} | {'kept L1':>7} | "
           f"{'nz kept':>7} | {'seconds':>7} | status")

@@ -136,7 +136,10 @@ def convert_checkpoint(source, output, pattern, *, transposable=False, method="a
     method = resolve_method(method, pattern) if transposable else "rowwise"
     source, output = Path(source), Path(output)
     kind = _kind(source)
-    if _kind(output) != kind or (kind == "pt" and file_format(output) != "pt"):
+    if kind == "npy":
+        raise ValueError(f"'{source}' is a .npy array, not a checkpoint; convert takes .pt/.pth/.bin, "
+                         f".safetensors or a *.safetensors.index.json (transposable solve masks one array)")
+    if _kind(output) != kind:
         raise ValueError(f"output '{output}' must be of the input's kind ({_describe(kind)})")
     report = ConversionReport(str(source), str(output), str(pattern), transposable, method)
     options = dict(pattern=pattern, transposable=transposable, method=method, pad=pad,
@@ -335,8 +338,8 @@ def _kind(path):
 
 
 def _describe(kind):
-    return {"sharded": "a *.safetensors.index.json", "safetensors": ".safetensors",
-            "pt": ".pt, .pth or .bin", "npy": ".npy"}[kind]
+    return {"sharded": "a *.safetensors.index.json", "safetensors": ".safetensors", "pt": ".pt, .pth or .bin",
+            "npy": ".npy"}[kind]
 
 
 def _refuse_input_as_output(output, inputs):
