@@ -139,20 +139,20 @@ def hop_column(w, keep, i, k):
 
 
 @njit(cache=True, fastmath={"nnan", "nsz", "reassoc"})
-def hop_costs(w, keep, hop_cost, kept_w, dropped_w, rows, changed):
+def hop_costs(w, keep, hop_cost, kept_w, dropped_w, only_changed, changed):
     """Row-graph hop costs ``hop_cost[i, k] = min_j kept_w[k, j] - dropped_w[i, j]``, a
     branch-free min-plus product: ``kept_w`` is ``w`` where kept, else +inf, and
-    ``dropped_w`` is ``w`` where dropped, else -inf, so invalid hops cost +inf. Recomputes
-    only pairs touching a ``changed`` row, or all pairs when ``rows`` is 0."""
+    ``dropped_w`` is ``w`` where dropped, else -inf, so invalid hops cost +inf. With
+    ``only_changed``, recomputes only the pairs touching a ``changed`` row."""
     m = w.shape[0]
     for i in range(m):
-        if rows == 0 or changed[i]:
+        if not only_changed or changed[i]:
             for j in range(m):
                 kept_w[i, j] = w[i, j] if keep[i, j] else np.inf
                 dropped_w[i, j] = -np.inf if keep[i, j] else w[i, j]
     for i in range(m):
         for k in range(m):
-            if rows > 0 and not (changed[i] or changed[k]):
+            if only_changed and not (changed[i] or changed[k]):
                 continue
             best = np.inf
             for j in range(m):
@@ -166,7 +166,7 @@ def two_opt_tile(w, keep, max_rounds, tol, hop_cost, kept_w, dropped_w, changed)
     back): the negative 2-cycles i -> k -> i of the row graph. Up to ``max_rounds``
     passes over all row pairs; stops early when a pass gains nothing above ``tol``."""
     m = w.shape[0]
-    hop_costs(w, keep, hop_cost, kept_w, dropped_w, 0, changed)
+    hop_costs(w, keep, hop_cost, kept_w, dropped_w, False, changed)
     for _ in range(max_rounds):
         improved = False
         for i in range(m):
@@ -181,7 +181,7 @@ def two_opt_tile(w, keep, max_rounds, tol, hop_cost, kept_w, dropped_w, changed)
                     changed[:] = False
                     changed[i] = True
                     changed[k] = True
-                    hop_costs(w, keep, hop_cost, kept_w, dropped_w, 2, changed)
+                    hop_costs(w, keep, hop_cost, kept_w, dropped_w, True, changed)
                     improved = True
         if not improved:
             return
@@ -223,7 +223,7 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
     """
     m = w.shape[0]
     canceled = 0
-    hop_costs(w, keep, hop_cost, kept_w, dropped_w, 0, changed)
+    hop_costs(w, keep, hop_cost, kept_w, dropped_w, False, changed)
     while True:
         dist[:] = 0.0
         pred[:] = -1
@@ -260,7 +260,7 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
             v = u
             if v == start:
                 break
-        hop_costs(w, keep, hop_cost, kept_w, dropped_w, 1, changed)
+        hop_costs(w, keep, hop_cost, kept_w, dropped_w, True, changed)
         canceled += 1
 
 
