@@ -177,11 +177,11 @@ def _diversity(args):
         rows = diversity_table(args.shape, density)
         unstructured = rows[0][1].log10
         print(f"mask diversity over {shown} ({size} weights) at density {density:g}")
-        print(f"| {'structure':<22} | {'log10 MD':>16} | {'per weight':>10} | {'vs unstructured':>16} |")
-        print(f"|{'-' * 24}|{'-' * 18}|{'-' * 12}|{'-' * 18}|")
+        print(f"| {'structure':<30} | {'log10 MD':>16} | {'per weight':>10} | {'vs unstructured':>16} |")
+        print(f"|{'-' * 32}|{'-' * 18}|{'-' * 12}|{'-' * 18}|")
         for label, md in rows:
             mark = " (estimate)" if md.estimated else ""
-            print(f"| {label + mark:<22} | {md.log10:16.2f} | {md.log10 / size:10.5f} | "
+            print(f"| {label + mark:<30} | {md.log10:16.2f} | {md.log10 / size:10.5f} | "
                   f"{md.log10 - unstructured:16.2f} |")
         return
     structure = args.structure or ("transposable" if args.transposable else "rowwise")
