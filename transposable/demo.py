@@ -24,6 +24,15 @@ def load_digits():
         return torch.tensor(data["images"], dtype=torch.float32) / 16.0, torch.tensor(data["labels"], dtype=torch.long)
 
 
+def split_digits(seed):
+    """The bundled digits shuffled by ``seed``: 1,200 training and 597 test images,
+    ``(x_train, y_train, x_test, y_test)``."""
+    x, y = load_digits()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    train, test = order[:1200], order[1200:]
+    return x[train], y[train], x[test], y[test]
+
+
 def make_model():
     return nn.Sequential(
         nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(),
@@ -64,10 +73,7 @@ def run_demo(workdir=None, pattern="2:4", seed=0, log=print):
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(seed)
-    x, y = load_digits()
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    train_idx, test_idx = order[:1200], order[1200:]
-    x_train, y_train, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    x_train, y_train, x_test, y_test = split_digits(seed)
     # Calibration: 10 training images per class, 100 in all (AdaPrune needs very few).
     calibration = [x_train[torch.cat([(y_train == c).nonzero()[:10, 0] for c in range(10)])]]
 
@@ -120,9 +126,7 @@ def run_training_demo(epochs=30, seed=0, log=print, progress=True):
 
     from .nn import MaskRefresher, sparsify
 
-    x, y = load_digits()
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x_train, y_train, x_test, y_test = x[order[:1200]], y[order[:1200]], x[order[1200:]], y[order[1200:]]
+    x_train, y_train, x_test, y_test = split_digits(seed)
     runs = [("dense", None, None, None)]
     for pattern in ("2:4", "4:8"):
         for transposable in (False, True):

@@ -34,11 +34,12 @@ class _SparseLinearGEMMs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, mask, bias, decay, kernels):
-        masked = weight * mask
+        # W*S is formed only where a dense GEMM needs it (here and in backward), not kept:
+        # saving it would hold a second weight-sized tensor per layer until backward.
         ctx.save_for_backward(x, weight, mask)
         ctx.decay, ctx.kernels, ctx.has_bias = decay, kernels, bias is not None
         flat = x.reshape(-1, x.shape[-1])
-        out = kernels.forward(flat) if kernels is not None else flat @ masked.t()
+        out = kernels.forward(flat) if kernels is not None else flat @ (weight * mask).t()
         if bias is not None:
             out = out + bias
         return out.reshape(*x.shape[:-1], weight.shape[0])
