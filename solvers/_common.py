@@ -1,15 +1,14 @@
 """Helpers shared by the engines (kept free of torch imports)."""
 import numpy as np
 
+#: Tiles whose largest magnitude is at least ``2**SCALE_ABOVE`` are scaled down by a power
+#: of two before solving: sums of up to m*m such entries would overflow float64 near 1e308.
+SCALE_ABOVE = 512
+
 
 def is_torch(x):
     """True for a torch tensor, without importing torch."""
     return type(x).__module__.startswith("torch")
-
-
-def magnitudes(tiles):
-    """``|tiles|`` as a float32/float64 NumPy array (OR-Tools needs one of those)."""
-    return np.abs(compute_dtype(np.asarray(tiles)))
 
 
 def compute_dtype(array):
@@ -55,6 +54,10 @@ def greedy_then_improve(tiles, n, rounds, exact):
         from . import _torch_tiles
 
         return shaped_like(_torch_tiles.solve(as_tiles(tiles), n, rounds, exact), tiles)
+    from ._jit import announce_compile, is_compiled
     from ._tile_kernels import solve_grid
 
-    return shaped_like(solve_grid(as_grid(compute_dtype(np.asarray(tiles))), n, rounds, exact), tiles)
+    args = (as_grid(compute_dtype(np.asarray(tiles))), n, rounds, exact)
+    m = args[0].shape[-1]
+    with announce_compile(f"{'cycle canceling' if exact else 'greedy'} (m={m})", not is_compiled(solve_grid, args)):
+        return shaped_like(solve_grid(*args), tiles)

@@ -1,9 +1,9 @@
 """Numba kernels for transposable tile masks, and their parallel drivers (no Python API
 here; see ``greedy.py``, ``cyclecanceling.py`` and ``exhaustive.py``).
 
-Everything is ``cache=True``, the parallel drivers included (numba lists ``parallel=True``
-among the cache-compatible features): compiling a driver takes 3-6 s, which a command
-line user would otherwise pay on every run.
+Everything is compiled with numba's cache (see ``_jit.py``), the parallel drivers included
+(numba lists ``parallel=True`` among the cache-compatible features): compiling a driver
+takes 3-6 s, which a command line user would otherwise pay on every run.
 
 Drivers take a *tile grid* ``(A, m, B, m)``: tile ``(a, b)`` is ``grid[a, :, b, :]``, so an
 ``(out, in)`` weight is its own grid after a free reshape, and ``(K, m, m)`` tiles are the
@@ -15,19 +15,34 @@ row i -> col j of cost ``-w[i, j]`` for every dropped entry and col j -> row i o
 negative cycle; canceling one (keeping its row->col entries, dropping its col->row ones)
 keeps every row and column count and raises the kept sum by the cycle's gain.
 """
+import math
+
 import numpy as np
-from numba import literally, njit, prange
+from numba import literally, prange
+
+from ._common import SCALE_ABOVE
+from ._jit import jit
 
 
-@njit(cache=True)
+@jit()
 def load_tile(grid, a, b, w):
+    """``|tile (a, b)|`` into ``w`` (float64). A tile whose largest entry is at least
+    ``2**SCALE_ABOVE`` is scaled by a power of two (exact) to below 1, so that no sum of its
+    entries overflows; every other tile is copied as it is."""
     m = w.shape[0]
+    peak = 0.0
     for i in range(m):
         for j in range(m):
             w[i, j] = abs(grid[a, i, b, j])
+            peak = max(peak, w[i, j])
+    exponent = math.frexp(peak)[1]
+    if exponent > SCALE_ABOVE:
+        for i in range(m):
+            for j in range(m):
+                w[i, j] = math.ldexp(w[i, j], -exponent)
 
 
-@njit(cache=True)
+@jit()
 def store_tile(keep, out, a, b):
     m = keep.shape[0]
     for i in range(m):
@@ -35,36 +50,34 @@ def store_tile(keep, out, a, b):
             out[a, i, b, j] = keep[i, j]
 
 
-@njit(cache=True)
-def order_entries(w, keys, key_floats, key_bits, order):
-    """Flat indices of the tile by decreasing ``w``, ties by increasing index.
+@jit()
+def order_entries(w, flat, order):
+    """Flat indices of the tile by decreasing ``w``, ties by increasing index, compared in
+    float64 (which holds float16/32/64 inputs exactly, so the order is the input's own).
 
-    Keys are ``float32 bits << 32 | reversed index``: for non-negative floats the bit
-    patterns sort like the values, and the index makes keys distinct. Small tiles count
-    each key's rank (branch-free, vectorized: faster than sorting up to 256 entries);
-    larger ones sort.
+    Small tiles count each entry's rank: the entries before it that are at least as large
+    plus the entries after it that are larger (two branch-free loops that vectorize: faster
+    than sorting up to 256 entries); larger tiles take a stable sort.
     """
     m = w.shape[0]
     size = m * m
     for i in range(m):
         for j in range(m):
-            key_floats[i * m + j] = w[i, j]
-    for q in range(size):
-        keys[q] = (np.int64(key_bits[q]) << 32) | (size - 1 - q)
+            flat[i * m + j] = w[i, j]
     if size <= 256:
         for q in range(size):
-            key = keys[q]
+            value = flat[q]
             rank = 0
-            for p in range(size):
-                rank += keys[p] > key
+            for p in range(q):
+                rank += flat[p] >= value
+            for p in range(q + 1, size):
+                rank += flat[p] > value
             order[rank] = q
     else:
-        keys.sort()
-        for r in range(size):
-            order[r] = size - 1 - (keys[size - 1 - r] & 0xFFFFFFFF)
+        order[:] = np.argsort(-flat, kind="mergesort")
 
 
-@njit(cache=True)
+@jit()
 def greedy_tile(w, n, keep, row_count, col_count, order):
     """Hubara et al.'s greedy: visit entries in ``order`` (by decreasing ``w``) and keep
     one while its row and its column hold fewer than ``n``. Returns how many it kept."""
@@ -83,7 +96,7 @@ def greedy_tile(w, n, keep, row_count, col_count, order):
     return kept
 
 
-@njit(cache=True)
+@jit()
 def best_short_path(w, n, keep, col_count, start):
     """The largest-gain augmenting path start -> c1 -> r1 -> c with ``c`` short:
     keep (start, c1), drop (r1, c1), keep (r1, c). Returns (c1, r1, c); see
@@ -104,7 +117,7 @@ def best_short_path(w, n, keep, col_count, start):
     return best_c1, best_r1, best_c
 
 
-@njit(cache=True)
+@jit()
 def complete_tile(w, n, keep, row_count, col_count):
     """Fill every row and column of the tile up to exactly ``n`` kept entries, each
     missing unit by the largest-gain augmenting path start -> c1 -> r1 -> c.
@@ -128,7 +141,7 @@ def complete_tile(w, n, keep, row_count, col_count):
             col_count[c] += 1
 
 
-@njit(cache=True)
+@jit()
 def hop_column(w, keep, i, k):
     """The column of the cheapest hop row i -> row k (see ``cancel_negative_cycles``)."""
     best, best_j = np.inf, -1
@@ -138,7 +151,7 @@ def hop_column(w, keep, i, k):
     return best_j
 
 
-@njit(cache=True, fastmath={"nnan", "nsz", "reassoc"})
+@jit(fastmath={"nnan", "nsz", "reassoc"})
 def hop_costs(w, keep, hop_cost, kept_w, dropped_w, only_changed, changed):
     """Row-graph hop costs ``hop_cost[i, k] = min_j kept_w[k, j] - dropped_w[i, j]``, a
     branch-free min-plus product: ``kept_w`` is ``w`` where kept, else +inf, and
@@ -160,7 +173,7 @@ def hop_costs(w, keep, hop_cost, kept_w, dropped_w, only_changed, changed):
             hop_cost[i, k] = best
 
 
-@njit(cache=True)
+@jit()
 def two_opt_tile(w, keep, max_rounds, tol, hop_cost, kept_w, dropped_w, changed):
     """Swaps between pairs of rows (row i gives up a column to row k and takes one
     back): the negative 2-cycles i -> k -> i of the row graph. Up to ``max_rounds``
@@ -187,7 +200,7 @@ def two_opt_tile(w, keep, max_rounds, tol, hop_cost, kept_w, dropped_w, changed)
             return
 
 
-@njit(cache=True)
+@jit()
 def find_pred_cycle(pred, relaxed, stamp, m):
     """A node on a cycle of the predecessor graph, walking back from the rows relaxed in
     this pass (each row visited once), or -1."""
@@ -204,7 +217,7 @@ def find_pred_cycle(pred, relaxed, stamp, m):
     return -1
 
 
-@njit(cache=True)
+@jit()
 def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp,
                            changed):
     """Cancel improving cycles until Bellman-Ford proves there is none.
@@ -264,7 +277,7 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
         canceled += 1
 
 
-@njit(parallel=True, cache=True)
+@jit(parallel=True)
 def solve_grid(grid, n, rounds, exact):
     """Greedy, completion, up to ``rounds`` 2-opt passes and, if ``exact``, cycle
     canceling on every tile of the grid, in parallel over rows of tiles."""
@@ -276,9 +289,7 @@ def solve_grid(grid, n, rounds, exact):
         keep = np.empty((m, m), np.bool_)
         row_count = np.empty(m, np.int64)
         col_count = np.empty(m, np.int64)
-        keys = np.empty(size, np.int64)
-        key_floats = np.empty(size, np.float32)
-        key_bits = key_floats.view(np.int32)
+        flat = np.empty(size)
         order = np.empty(size, np.int64)
         hop_cost = np.empty((m, m))
         kept_w = np.empty((m, m))
@@ -293,7 +304,7 @@ def solve_grid(grid, n, rounds, exact):
             keep[:] = False
             row_count[:] = 0
             col_count[:] = 0
-            order_entries(w, keys, key_floats, key_bits, order)
+            order_entries(w, flat, order)
             if greedy_tile(w, n, keep, row_count, col_count, order) < n * m:
                 complete_tile(w, n, keep, row_count, col_count)
             tol = 1e-12 * w.max()  # far above float64 rounding of an m-hop cycle
@@ -306,7 +317,7 @@ def solve_grid(grid, n, rounds, exact):
     return out
 
 
-@njit(parallel=True, cache=True)
+@jit(parallel=True)
 def exhaustive_grid(grid, row_choices, top_rows, bottom_rows, pairs, n, m, h):
     """Best of all listed tile patterns for every tile of the grid, meet in the middle.
 

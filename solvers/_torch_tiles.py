@@ -6,14 +6,24 @@ over tiles.
 """
 import torch
 
+from ._common import SCALE_ABOVE
+
 #: Tiles per chunk in the (tiles, m, m, m) min-plus products, bounding their memory.
 CHUNK_ENTRIES = 2**26
 
 
 def magnitudes(tiles):
-    """|tiles| in float32 on GPUs (float64 is slow there), float64 elsewhere."""
-    dtype = torch.float32 if tiles.device.type == "cuda" else torch.float64
-    return tiles.abs().to(dtype)
+    """``|tiles|`` (K, m, m) to solve on: float64, except float32 on GPUs for 16- and 32-bit
+    inputs (float64 is slow there), so entries are ordered in the input's own precision. As
+    the numba ``load_tile``, a tile whose peak is at least ``2**SCALE_ABOVE`` (float64) or
+    ``2**64`` (float32) is scaled by a power of two (exact) so that no sum overflows."""
+    wide = tiles.dtype == torch.float64 or tiles.device.type != "cuda"
+    w = tiles.abs().to(torch.float64 if wide else torch.float32)
+    exponent = torch.frexp(w.reshape(len(w), -1).amax(dim=1)).exponent
+    huge = exponent > (SCALE_ABOVE if wide else 64)
+    if bool(huge.any()):
+        w[huge] = w[huge] * torch.pow(2.0, -exponent[huge].to(w.dtype))[:, None, None]
+    return w
 
 
 def greedy_pass(w, n):

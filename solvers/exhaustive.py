@@ -10,10 +10,8 @@ import itertools
 from functools import lru_cache
 
 import numpy as np
-from numba import typeof, types
 
 from ._common import as_grid, as_tiles, compute_dtype, is_torch, shaped_like
-from ._tile_kernels import exhaustive_grid
 
 ACCEPTS_TORCH = True
 EXACT = True
@@ -108,9 +106,15 @@ def _kernel(grid_type, n, m):
     Resolved once through ``Dispatcher.compile`` (which also reads numba's cache): letting
     the dispatcher force literals on every call costs about 40 ms a call.
     """
+    from numba import typeof, types
+
+    from ._jit import announce_compile
+    from ._tile_kernels import exhaustive_grid
+
     table_types = tuple(typeof(table) for table in split_patterns(n, m))
     literals = (types.literal(n), types.literal(m), types.literal(m // 2))
-    return exhaustive_grid.compile((grid_type, *table_types, *literals))
+    with announce_compile(f"exhaustive {n}:{m}"):
+        return exhaustive_grid.compile((grid_type, *table_types, *literals))
 
 
 def solve(tiles, n):
@@ -131,8 +135,10 @@ def solve(tiles, n):
 
     Notes
     -----
-    Exact. Scores are summed in float64 (float32 on GPUs, where float64 is slow); among
-    equal scores the lowest-index pattern wins. Cost per tile ``O(P + C**(m/2) * m)``
+    Exact. Scores are summed in float64 (on GPUs in float32 for 16- and 32-bit inputs,
+    where float64 is slow); among equal scores the lowest-index pattern wins. A tile whose
+    largest magnitude is huge (``>= 2**512``) is scaled by a power of two first, so sums do
+    not overflow. Cost per tile ``O(P + C**(m/2) * m)``
     for ``P`` patterns and ``C`` row choices (numba, in parallel over tiles), or
     ``O(P * m**2)`` as one matrix product (torch).
 
@@ -148,13 +154,16 @@ def solve(tiles, n):
     """
     m = tiles.shape[-1]
     if not is_torch(tiles):
+        from numba import typeof
+
         grid = as_grid(compute_dtype(tiles))
         return shaped_like(_kernel(typeof(grid), n, m)(grid, *split_patterns(n, m), n, m, m // 2), tiles)
     import torch
 
-    flat = as_tiles(tiles)
+    from ._torch_tiles import magnitudes
+
+    flat = magnitudes(as_tiles(tiles))
     k = flat.shape[0]
-    dtype = torch.float32 if flat.device.type == "cuda" else torch.float64
     table = torch.tensor(patterns(n, m), device=flat.device)  # a copy: the cache is read-only
-    scores = flat.reshape(k, m * m).abs().to(dtype) @ table.to(dtype).T
+    scores = flat.reshape(k, m * m) @ table.to(flat.dtype).T
     return shaped_like(table[scores.argmax(dim=1)].reshape(k, m, m), tiles)

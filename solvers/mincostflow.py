@@ -6,9 +6,8 @@ an arc row -> column of capacity 1 and cost ``-|w|``. The flow polytope is integ
 optimal flow is the optimal mask. Many tiles share one solver call as disjoint subgraphs.
 """
 import numpy as np
-from ortools.graph.python import min_cost_flow
 
-from ._common import always, as_tiles, magnitudes, shaped_like
+from ._common import always, as_tiles, shaped_like
 
 ACCEPTS_TORCH = False
 EXACT = True
@@ -52,7 +51,8 @@ def solve(tiles, n, *, arcs_per_call=ARCS_PER_CALL):
     Notes
     -----
     Exact up to the integer scaling of the costs: each tile's magnitudes are divided by
-    the tile's maximum and rounded to multiples of ``1 / COST_SCALE``, so the kept sum of
+    the tile's maximum (in float64, whatever the input's dtype) and rounded to multiples of
+    ``1 / COST_SCALE``, so the kept sum of
     a returned tile is within ``n * m * max|w_tile| / COST_SCALE`` (below ``5e-7 * max|w|``
     for 16:32) of the optimum. Cost per tile is that of OR-Tools' cost-scaling
     push-relabel on ``2m`` nodes and ``m**2`` arcs.
@@ -67,7 +67,7 @@ def solve(tiles, n, *, arcs_per_call=ARCS_PER_CALL):
            [0, 0, 1, 1],
            [0, 0, 1, 1]])
     """
-    weights = magnitudes(as_tiles(tiles))
+    weights = np.abs(np.asarray(as_tiles(tiles), dtype=np.float64))  # scaled in float64: see Notes
     k, m, _ = weights.shape
     mask = np.empty(weights.shape, dtype=bool)
     tiles_per_call = max(1, arcs_per_call // (m * m))
@@ -78,6 +78,8 @@ def solve(tiles, n, *, arcs_per_call=ARCS_PER_CALL):
 
 
 def _solve_batch(weights, n):
+    from ortools.graph.python import min_cost_flow  # imported only when this method runs
+
     k, m, _ = weights.shape
     peak = weights.reshape(k, -1).max(axis=1)
     peak[peak == 0] = 1.0  # an all-zero tile: every mask is optimal
