@@ -70,3 +70,26 @@ def networkx_best(tile, n):
 
 def kept(tile, mask):
     return float(np.abs(tile)[mask].sum())
+
+
+def brute_force_best_at_most(tile, n):
+    """Largest kept sum of |tile| (any r x c) with at most n kept per row and per column, by
+    enumerating every row's choice of up to n columns: the reference for cut edge tiles."""
+    weights = np.abs(tile)
+    rows, cols = weights.shape
+    choices = [c for k in range(min(n, cols) + 1) for c in itertools.combinations(range(cols), k)]
+    best = 0.0
+    for chosen in itertools.product(choices, repeat=rows):
+        counts = np.zeros(cols, int)
+        for c in chosen:
+            counts[list(c)] += 1
+        if (counts <= n).all():
+            best = max(best, sum(weights[i, list(c)].sum() for i, c in enumerate(chosen)))
+    return best
+
+
+def tile_regions(rows, cols, m):
+    """The (row slice, column slice) of every m x m tile of a rows x cols matrix, cut short
+    at the bottom and right edges."""
+    return [(slice(r, min(r + m, rows)), slice(c, min(c + m, cols)))
+            for r in range(0, rows, m) for c in range(0, cols, m)]

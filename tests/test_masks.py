@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import transposable as tp
-from checks import assert_valid_mask
+from checks import assert_valid_mask, brute_force_best_at_most, kept, tile_regions
 from transposable.masks import resolve_method
 
 PATTERNS = [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8)]
@@ -84,19 +84,34 @@ def test_conv_weights_are_masked_tap_by_tap(shape, transposable, rng):
     assert (as_torch.numpy() == mask).all()
 
 
-@pytest.mark.parametrize("shape", [(6, 10), (5, 8), (8, 7), (3, 3), (10, 6, 3)])
-@pytest.mark.parametrize("method", ["exhaustive", "mincostflow", "greedy"])
-def test_pad_solves_the_zero_padded_weight_and_crops(shape, method, rng):
-    weight = rng.standard_normal(shape)
+@pytest.mark.parametrize("shape", [(6, 10), (5, 8), (8, 7), (3, 3), (7, 6, 2)])
+@pytest.mark.parametrize("method", ["exhaustive", "cyclecanceling", "mincostflow", "greedy"])
+def test_pad_solves_cut_tiles_as_at_most_n_per_real_row_and_column(shape, method, rng):
+    weight = rng.integers(-9, 10, shape).astype(float)  # ties and zeros
     mask = tp.transposable_mask(weight, "2:4", method=method, pad=True)
-    assert mask.shape == weight.shape
+    assert mask.shape == weight.shape and mask.dtype == bool
     assert tp.is_transposable_nm(mask, "2:4")
-    padded = np.zeros((-(-shape[0] // 4) * 4, -(-shape[1] // 4) * 4, *shape[2:]))
-    padded[: shape[0], : shape[1]] = weight
-    full = tp.transposable_mask(padded, "2:4", method=method)
-    assert (mask == full[: shape[0], : shape[1]]).all()
+    for w, kept_mask in zip(np.moveaxis(weight, (0, 1), (-2, -1)).reshape(-1, *shape[:2]),
+                            np.moveaxis(mask, (0, 1), (-2, -1)).reshape(-1, *shape[:2])):
+        for rows, cols in tile_regions(*shape[:2], 4):
+            best = brute_force_best_at_most(w[rows, cols], 2)
+            got = kept(w[rows, cols], kept_mask[rows, cols])
+            if method == "greedy":
+                assert 2 * got >= best
+            else:
+                assert got == best
     rowwise = tp.nm_mask(weight, "2:4", pad=True)
     assert rowwise.shape == weight.shape and tp.is_nm_sparse(rowwise, "2:4")
+
+
+def test_pad_never_wastes_kept_slots_on_padding():
+    # A 3x3 corner at 2:4 keeps 2 per row and column: 6 entries. Solved as an exactly-2:4
+    # zero-padded 4x4 tile it could keep only 5. (The greedy is held to its 1/2 bound above.)
+    for method in ("auto", "cyclecanceling", "mincostflow"):
+        assert tp.transposable_mask(np.ones((3, 3)), "2:4", method=method, pad=True).sum() == 6
+    weight = torch.ones(7, 7)
+    # tiles 4x4, 4x3, 3x4 and 3x3: 8 + 6 + 6 + 6 (a 4x3 tile is limited by its 3 columns)
+    assert int(tp.transposable_mask(weight, "2:4", pad=True).sum()) == 8 + 6 + 6 + 6
 
 
 def test_row_wise_only_needs_in_to_divide(rng):
@@ -125,6 +140,48 @@ def test_pattern_forms_are_equivalent(rng):
     expected = tp.transposable_mask(weight, "2:4")
     for args in [(2, 4), ((2, 4),), (tp.Pattern(2, 4),), (np.int64(2), np.int64(4))]:
         assert (tp.transposable_mask(weight, *args) == expected).all()
+
+
+def test_mask_is_the_one_entry_point(rng):
+    weight = rng.standard_normal((8, 16))
+    assert (tp.mask(weight, "2:4", transposable=True) == tp.transposable_mask(weight, "2:4")).all()
+    assert (tp.mask(weight, (2, 4), transposable=False) == tp.nm_mask(weight, 2, 4)).all()
+    greedy = tp.mask(torch.tensor(weight), "4:8", transposable=True, method="greedy")
+    assert torch.equal(greedy, tp.transposable_mask(torch.tensor(weight), "4:8", method="greedy"))
+    with pytest.raises(ValueError, match="method 'greedy' is a transposable solver; row-wise masks are always exact"):
+        tp.mask(weight, "2:4", transposable=False, method="greedy")
+    with pytest.raises(TypeError, match="transposable"):
+        tp.mask(weight, "2:4")  # row-wise or transposable is always said
+
+
+def test_tiling_errors_are_one_type_everywhere():
+    from transposable.diversity import mask_diversity
+    from transposable.nn import sparsify
+
+    for call in (lambda: tp.transposable_mask(np.ones((6, 8)), "2:4"),
+                 lambda: tp.nm_mask(np.ones((4, 6)), "2:4"),
+                 lambda: mask_diversity("transposable", (6, 8), "2:4")):
+        with pytest.raises(tp.TilingError) as info:
+            call()
+        assert isinstance(info.value, ValueError) and info.value.m == 4 and info.value.size == 6
+    with pytest.raises(ValueError, match="no layer to sparsify"):  # the layer was refused by the same rule
+        sparsify(torch.nn.Linear(8, 6), "2:4")
+    assert tp.MinCostFlowError is __import__("solvers").MinCostFlowError
+
+
+def test_big_endian_arrays_are_accepted(rng):
+    weight = rng.standard_normal((8, 8)).astype(">f4")
+    expected = tp.transposable_mask(weight.astype("<f4"), "2:4")
+    assert (tp.transposable_mask(weight, "2:4") == expected).all()
+    assert (tp.nm_mask(weight, "2:4") == tp.nm_mask(weight.astype("<f4"), "2:4")).all()
+
+
+def test_metrics_do_not_overflow_near_the_largest_float():
+    weight = np.array([[1e308, 1.7e308], [1.7e308, 1e308]])
+    mask = tp.transposable_mask(weight, "1:2")
+    assert mask.tolist() == [[False, True], [True, False]]
+    assert tp.kept_fraction(weight, mask) == pytest.approx(3.4 / 5.4)
+    assert tp.ratio_to_optimum(weight, ~mask, mask) == pytest.approx(2 / 3.4)
 
 
 def test_methods_are_case_insensitive_and_auto_picks_the_fastest_exact():
@@ -192,8 +249,8 @@ def test_bad_patterns(args, error, match):
     (np.ones((4, 4), dtype=np.complex64), TypeError, "got complex64"),
     (torch.ones(4, 4, dtype=torch.bool), TypeError, "got bool"),
     ([[1.0] * 4] * 4, TypeError, "got list; wrap it with np.asarray"),
-    (np.ones((4, 6)), ValueError, r"'in' \(axis 1\) has size 6, not a multiple of m=4; pass pad=True"),
-    (np.ones((6, 4)), ValueError, r"'out' \(axis 0\) has size 6, not a multiple of m=4; pass pad=True"),
+    (np.ones((4, 6)), tp.TilingError, r"'in' \(axis 1\) has size 6, not a multiple of m=4; pass pad=True"),
+    (np.ones((6, 4)), tp.TilingError, r"'out' \(axis 0\) has size 6, not a multiple of m=4; pass pad=True"),
 ])
 def test_bad_weights(weight, error, match):
     with pytest.raises(error, match=match):

@@ -168,7 +168,8 @@ def test_include_exclude_first_last_and_non_tiling_layers(caplog):
 
     model = sparsify(make(), "2:4", skip_first=True)
     assert [n for n, _ in sparse_layers(model)] == ["1", "2"]  # "3" has 10 outputs: does not tile
-    assert "3: weight (10, 16) does not tile at 2:4; left dense" in caplog.text
+    assert ("3: weight (10, 16) does not tile at 2:4 (weight dimension 'out' (axis 0) has size 10, "
+            "not a multiple of m=4); left dense") in caplog.text
     assert [n for n, _ in sparse_layers(sparsify(make(), "2:4", skip_last=True, transposable=False))] == ["0", "1", "2"]
     assert [n for n, _ in sparse_layers(sparsify(make(), "2:4", include=["1", "2"], exclude=["2"]))] == ["1"]
     per_layer = sparsify(make(), "2:4", srste_decay={"1": 0.1}, skip_last=True)

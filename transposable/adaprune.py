@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .masks import nm_mask, transposable_mask
+from .layout import tiling_error
+from .masks import mask as solve_mask
 from .patterns import parse_pattern
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -111,8 +112,7 @@ def adaprune(model, calibration, pattern, *, transposable=True, method="auto", l
             targets = [reference(x) for x in _layer_inputs(original, reference, batches)]
         with torch.no_grad():
             weight = layer.weight.detach()
-            mask = (transposable_mask(weight, pattern, method=method) if transposable
-                    else nm_mask(weight, pattern)).to(weight.dtype)
+            mask = solve_mask(weight, pattern, transposable=transposable, method=method).to(weight.dtype)
         before = _fit(layer, mask, inputs, targets, steps, lr)
         if report is not None:
             report.append(LayerReport(name, before, _mse(layer, mask, inputs, targets)))
@@ -144,8 +144,7 @@ def recalibrate_batch_norm(model, batches):
 
 
 def _tiles(weight, pattern, transposable):
-    axes = (0, 1) if transposable else (1,)
-    return weight.dim() >= 2 and all(weight.shape[a] % pattern.m == 0 for a in axes)
+    return weight.dim() >= 2 and tiling_error(weight.shape, pattern.m, transposable=transposable) is None
 
 
 def _layer_inputs(model, layer, batches):

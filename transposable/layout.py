@@ -1,4 +1,4 @@
-"""Weight tensors <-> the tiles and groups the solvers work on.
+"""Weight tensors <-> the tiles and groups the solvers work on, and the one tiling rule.
 
 A weight of shape ``(out, in)`` (``nn.Linear``) or ``(out, in, *kernel)`` (``nn.Conv``)
 is seen as ``T`` matrices of shape ``(out, in)``, one per kernel tap. Row-wise groups run
@@ -11,6 +11,68 @@ import numpy as np
 from solvers._common import is_torch
 
 _AXIS_NAMES = {0: "out", 1: "in"}
+
+#: What to do about a dimension that does not tile, for the mask functions.
+PAD_HINT = "pass pad=True (--pad) to pad it with zeros, solve, and crop the mask"
+
+
+class TilingError(ValueError):
+    """A weight dimension that must be a multiple of M is not.
+
+    Attributes
+    ----------
+    axis : int
+        0 (``out``) or 1 (``in``).
+    size : int
+        The dimension's size.
+    m : int
+        The group or tile size it must be a multiple of.
+    reason : str
+        The message without the advice, e.g. for reports.
+    """
+
+    def __init__(self, axis, size, m, hint=PAD_HINT):
+        self.axis, self.size, self.m = axis, size, m
+        self.reason = (f"weight dimension '{_AXIS_NAMES[axis]}' (axis {axis}) has size {size}, "
+                       f"not a multiple of m={m}")
+        super().__init__(f"{self.reason}; {hint}" if hint else self.reason)
+
+
+def tiling_error(shape, m, *, transposable, hint=PAD_HINT):
+    """The :class:`TilingError` a weight of ``shape`` meets at group/tile size ``m``, or None.
+
+    Row-wise N:M cuts ``in`` (axis 1) into groups of ``m``; transposable N:M also cuts
+    ``out`` (axis 0), into ``m x m`` tiles. This is the library's one tiling rule: the mask
+    functions, ``convert``, ``sparsify``, ``adaprune`` and ``mask_diversity`` all ask it.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(out, in, *kernel)``.
+    m : int
+        Group / tile size.
+    transposable : bool
+        Check ``out`` too.
+    hint : str, optional
+        Advice appended to the message.
+
+    Returns
+    -------
+    TilingError or None
+
+    Examples
+    --------
+    >>> tiling_error((8, 12), 4, transposable=True) is None
+    True
+    >>> tiling_error((10, 12), 4, transposable=True).reason
+    "weight dimension 'out' (axis 0) has size 10, not a multiple of m=4"
+    >>> tiling_error((10, 12), 4, transposable=False) is None
+    True
+    """
+    for axis in ((0, 1) if transposable else (1,)):
+        if shape[axis] % m:
+            return TilingError(axis, shape[axis], m, hint)
+    return None
 
 
 class Layout:
@@ -29,7 +91,7 @@ class Layout:
 
     Raises
     ------
-    ValueError
+    TilingError
         If a cut dimension is not a multiple of ``m`` and ``pad`` is False.
     """
 
@@ -38,17 +100,12 @@ class Layout:
         self.m = m
         self.transposable = transposable
         self.taps = math.prod(self.shape[2:])
-        cut_axes = (0, 1) if transposable else (1,)
+        error = tiling_error(self.shape, m, transposable=transposable)
+        if error is not None and not pad:
+            raise error
         padded = list(self.shape[:2])
-        for axis in cut_axes:
-            size = self.shape[axis]
-            if size % m:
-                if not pad:
-                    raise ValueError(
-                        f"weight dimension '{_AXIS_NAMES[axis]}' (axis {axis}) has size {size}, "
-                        f"not a multiple of m={m}; pass pad=True (--pad) to pad it with zeros, "
-                        f"solve, and crop the mask")
-                padded[axis] = -(-size // m) * m
+        for axis in ((0, 1) if transposable else (1,)):
+            padded[axis] = -(-self.shape[axis] // m) * m
         self.padded = tuple(padded)
 
     def blocks(self, weight):
@@ -73,6 +130,47 @@ class Layout:
         full = mats.reshape(*self.shape[2:], out, inp)
         nd = len(self.shape)
         return _permute(full, (nd - 2, nd - 1, *range(nd - 2))).reshape(self.shape)
+
+    def edge_tiles(self):
+        """Grid indices ``(a, b)`` of the tiles that padding cut into (empty if none).
+
+        Such a tile holds real entries only in its top-left ``r x c`` corner. Solving the
+        zero-padded ``m x m`` tile with exactly ``n`` per row and column would waste kept
+        slots on padding (a 3x3 corner at 2:4 could keep 5, not 6), so ``solve_grid``
+        solves these tiles as "at most ``n`` per real row and column" instead.
+        """
+        rows, cols = self.padded[0] // self.m, self.padded[1] // self.m
+        cut_rows = self.padded[0] != self.shape[0]
+        cut_cols = self.padded[1] != self.shape[1]
+        a, b = np.meshgrid(np.arange(self.taps * rows), np.arange(cols), indexing="ij")
+        edge = ((a % rows == rows - 1) & cut_rows) | ((b == cols - 1) & cut_cols)
+        return a[edge], b[edge]
+
+    def solve_grid(self, engine, grid, n, edge_engine):
+        """``engine.solve(grid, n)``, with the edge tiles solved as "at most ``n`` per real
+        row and column" (see :meth:`edge_tiles`) by ``edge_engine``.
+
+        An ``r x c`` edge tile, zero-padded to ``m x m``, is embedded in an
+        ``(m + n) x (m + n)`` zero tile and solved with exactly ``n`` per row and column:
+        the ``n`` or more extra rows and columns take up whatever the real rows and columns
+        do not keep, so every mask with at most ``n`` per real row and column extends to a
+        feasible one at no cost, and the best extended mask crops to the best such mask.
+        """
+        mask = engine.solve(grid, n)
+        if not self.transposable or self.padded == self.shape[:2]:
+            return mask
+        a, b = self.edge_tiles()
+        if is_torch(grid):
+            import torch
+
+            a, b = torch.as_tensor(a, device=grid.device), torch.as_tensor(b, device=grid.device)
+        tiles = grid[a, :, b, :]
+        m = self.m
+        embedded = tiles.new_zeros((len(a), m + n, m + n)) if is_torch(tiles) else np.zeros(
+            (len(a), m + n, m + n), dtype=tiles.dtype)
+        embedded[:, :m, :m] = tiles
+        mask[a, :, b, :] = edge_engine.solve(embedded, n)[:, :m, :m]
+        return mask
 
 
 def _permute(x, axes):

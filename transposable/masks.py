@@ -14,20 +14,125 @@ from solvers._common import is_torch
 from .layout import Layout
 from .patterns import parse_pattern
 
-#: Method names accepted by :func:`transposable_mask`.
+#: Method names accepted by :func:`mask` for transposable masks (row-wise masks have one
+#: exact method, ``"auto"``).
 METHODS = ("auto", *sorted(solvers.TRANSPOSABLE))
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def nm_mask(weight, n, m=None, *, pad=False):
-    """Best row-wise N:M mask: the ``n`` largest ``|w|`` of every ``m`` along ``in``.
+def mask(weight, pattern, *, transposable, method="auto", pad=False):
+    """The best N:M mask of a weight: row-wise, or transposable.
+
+    The library's one mask entry point; :func:`nm_mask` and :func:`transposable_mask` are
+    it with ``transposable`` fixed.
 
     Parameters
     ----------
     weight : ndarray or Tensor, shape (out, in) or (out, in, *kernel)
-        Float weights (float16, bfloat16, float32 or float64); groups run along ``in``
-        (axis 1) for every kernel tap.
+        Float weights (float16, bfloat16, float32 or float64), or importance scores of
+        that shape (the mask keeps the largest ``|x|``). Row-wise groups run along ``in``
+        (axis 1), transposable tiles cover ``(out, in)``, for every kernel tap.
+    pattern : str, tuple or Pattern
+        ``"2:4"``, ``(2, 4)``: ``n`` kept of every ``m``.
+    transposable : bool
+        Keep ``n`` in every row and column of every ``m x m`` tile (``W`` and ``W.T`` both
+        N:M) instead of ``n`` in every group of ``m`` along ``in``.
+    method : str, default "auto"
+        Transposable solver: ``"cyclecanceling"`` (exact), ``"exhaustive"`` (exact,
+        m <= 5), ``"greedy"`` (2-approximation improved by 2-opt), ``"mincostflow"``
+        (exact, OR-Tools, on the host), or ``"auto"``: ``"exhaustive"`` up to m = 5, else
+        ``"cyclecanceling"``. Row-wise masks take ``"auto"`` (they are always exact).
+    pad : bool, default False
+        Pad the dimensions that are cut (``in``; and ``out`` if transposable) with zeros to
+        multiples of ``m``, solve, and crop the mask. Cropped tiles are solved as "at most
+        ``n`` per real row and column", so padding never costs a kept slot.
+
+    Returns
+    -------
+    mask : ndarray or Tensor of bool, same shape as ``weight``
+        Same container and device as ``weight``.
+
+    Raises
+    ------
+    TypeError
+        If ``weight`` is not a float array/tensor or the pattern is not integers.
+    ValueError
+        If the pattern breaks ``0 < n < m``, ``method`` is unknown or cannot solve the
+        pattern, ``weight`` has fewer than 2 dimensions, is empty, or holds NaN/Inf.
+    TilingError
+        (a ``ValueError``) If a cut dimension is not a multiple of ``m`` and ``pad`` is
+        False.
+    MinCostFlowError
+        If OR-Tools does not reach optimality.
+
+    See Also
+    --------
+    nm_mask, transposable_mask, is_nm_sparse, is_transposable_nm
+
+    Notes
+    -----
+    Maximises the kept ``sum |w|`` (L1). Row-wise: the ``n`` largest of every group (ties
+    to the lowest index), ``O(size log m)``. Transposable, per tile, a max-weight
+    b-matching, solved exactly as a min-cost flow (Hubara et al. 2021) by OR-Tools or by
+    compiled cycle canceling from a greedy warm start, exactly by enumerating the valid
+    tiles, or approximately by the greedy completed to exactly ``n`` per row/column.
+    Results are deterministic. A tensor on an accelerator is solved there, except by
+    ``"mincostflow"``.
+
+    References
+    ----------
+    Hubara et al., "Accelerated Sparse Neural Training: A Provable and Efficient Method
+    to Find N:M Transposable Masks", NeurIPS 2021.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.array([[4., 3, 0, 0], [3, 4, 0, 0], [0, 0, 1, 2], [0, 0, 2, 1]])
+    >>> mask(w, "2:4", transposable=True).astype(int)
+    array([[1, 1, 0, 0],
+           [1, 1, 0, 0],
+           [0, 0, 1, 1],
+           [0, 0, 1, 1]])
+    >>> mask(w, "1:4", transposable=False).astype(int)
+    array([[1, 0, 0, 0],
+           [0, 1, 0, 0],
+           [0, 0, 0, 1],
+           [0, 0, 1, 0]])
+    """
+    pattern = parse_pattern(pattern)
+    name = resolve_method(method, pattern, transposable=transposable)
+    weight = _check_weight(weight)
+    layout = Layout(weight.shape, pattern.m, transposable=transposable, pad=pad)
+    if not transposable:
+        data = weight.detach() if is_torch(weight) else weight
+        return layout.unblock(solvers.rowwise.solve(layout.blocks(data), pattern.n))
+    engine = solvers.TRANSPOSABLE[name]
+    edge_engine = engine if engine.supports(pattern.n, pattern.m + pattern.n) is None else solvers.cyclecanceling
+    if not is_torch(weight):
+        return layout.unblock(layout.solve_grid(engine, layout.blocks(weight), pattern.n, edge_engine))
+    data = weight.detach()
+    if engine.ACCEPTS_TORCH and data.device.type != "cpu":
+        return layout.unblock(layout.solve_grid(engine, layout.blocks(data), pattern.n, edge_engine))
+    # CPU tensors take the compiled NumPy path (faster than torch there); a tensor on an
+    # accelerator goes to the host only for engines that cannot run on it.
+    host = data.to("cpu", dtype=_host_dtype(data)).numpy()
+    result = layout.unblock(layout.solve_grid(engine, layout.blocks(host), pattern.n, edge_engine))
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(result)).to(weight.device)
+
+
+def nm_mask(weight, n, m=None, *, pad=False):
+    """Best row-wise N:M mask: the ``n`` largest ``|w|`` of every ``m`` along ``in``.
+
+    :func:`mask` with ``transposable=False``.
+
+    Parameters
+    ----------
+    weight : ndarray or Tensor, shape (out, in) or (out, in, *kernel)
+        Float weights (or importance scores); groups run along ``in`` (axis 1) for every
+        kernel tap.
     n : str, int or tuple
         The pattern, ``"2:4"``, ``(2, 4)``, or the kept count with ``m``.
     m : int, optional
@@ -42,15 +147,12 @@ def nm_mask(weight, n, m=None, *, pad=False):
 
     Raises
     ------
-    TypeError
-        If ``weight`` is not a float array/tensor or the pattern is not integers.
-    ValueError
-        If the pattern breaks ``0 < n < m``, ``weight`` has fewer than 2 dimensions, is
-        empty, holds NaN/Inf, or ``in`` is not a multiple of ``m`` without ``pad``.
+    TypeError, ValueError, TilingError
+        As :func:`mask`.
 
-    Notes
-    -----
-    Exact (maximum kept ``|w|``); ties go to the lowest index. ``O(size * log m)``.
+    See Also
+    --------
+    mask, transposable_mask
 
     Examples
     --------
@@ -59,64 +161,43 @@ def nm_mask(weight, n, m=None, *, pad=False):
     array([[0, 1, 1, 0],
            [0, 1, 0, 1]])
     """
-    pattern = parse_pattern(n, m)
-    _check_weight(weight)
-    layout = Layout(weight.shape, pattern.m, transposable=False, pad=pad)
-    data = weight.detach() if is_torch(weight) else weight
-    return layout.unblock(solvers.rowwise.solve(layout.blocks(data), pattern.n))
+    return mask(weight, parse_pattern(n, m), transposable=False, pad=pad)
 
 
 def transposable_mask(weight, n, m=None, *, method="auto", pad=False):
     """Best transposable N:M mask: ``n`` kept in every row and column of every m x m tile.
 
+    :func:`mask` with ``transposable=True``: ``mask`` is N:M along ``in`` and its
+    transpose is N:M along ``out``.
+
     Parameters
     ----------
     weight : ndarray or Tensor, shape (out, in) or (out, in, *kernel)
-        Float weights (float16, bfloat16, float32 or float64); tiles cover ``(out, in)``
-        for every kernel tap.
+        Float weights (or importance scores); tiles cover ``(out, in)`` for every kernel
+        tap.
     n : str, int or tuple
         The pattern, ``"2:4"``, ``(2, 4)``, or the kept count with ``m``.
     m : int, optional
         Tile size when ``n`` is an integer.
     method : str, default "auto"
-        ``"cyclecanceling"`` (exact), ``"exhaustive"`` (exact, m <= 5), ``"greedy"``
-        (2-approximation improved by 2-opt), ``"mincostflow"`` (exact, OR-Tools, on the
-        host), or ``"auto"``: the fastest exact method for the pattern, ``"exhaustive"``
-        up to m = 5, else ``"cyclecanceling"``. On the CPU they run compiled (numba); a
-        tensor on an accelerator is solved there by torch, except by ``"mincostflow"``.
+        The solver, as in :func:`mask`.
     pad : bool, default False
         Pad ``out`` and ``in`` with zeros to multiples of ``m``, solve, and crop the mask
-        (rows and columns of a cropped tile then keep at most ``n``).
+        (cropped tiles keep at most ``n`` per real row and column, as many as they can).
 
     Returns
     -------
     mask : ndarray or Tensor of bool, same shape as ``weight``
-        Same container and device as ``weight``. ``mask`` is N:M along ``in`` and its
-        transpose is N:M along ``out``.
+        Same container and device as ``weight``.
 
     Raises
     ------
-    TypeError
-        If ``weight`` is not a float array/tensor or the pattern is not integers.
-    ValueError
-        If the pattern breaks ``0 < n < m``, ``method`` is unknown or does not support
-        the pattern, ``weight`` has fewer than 2 dimensions, is empty, holds NaN/Inf,
-        or ``out``/``in`` is not a multiple of ``m`` without ``pad``.
-    solvers.MinCostFlowError
-        If OR-Tools does not reach optimality.
+    TypeError, ValueError, TilingError, MinCostFlowError
+        As :func:`mask`.
 
-    Notes
-    -----
-    Maximises the kept ``sum |w|`` (L1). Per tile this is a max-weight b-matching, solved
-    exactly as a min-cost flow (Hubara et al. 2021) by OR-Tools or by compiled
-    cycle canceling from a greedy warm start, exactly by enumerating the valid tiles, or
-    approximately by the greedy completed to exactly ``n`` per row/column.
-    Results are deterministic: the same input gives the same mask on every run.
-
-    References
-    ----------
-    Hubara et al., "Accelerated Sparse Neural Training: A Provable and Efficient Method
-    to Find N:M Transposable Masks", NeurIPS 2021.
+    See Also
+    --------
+    mask, nm_mask
 
     Examples
     --------
@@ -128,42 +209,48 @@ def transposable_mask(weight, n, m=None, *, method="auto", pad=False):
            [0, 0, 1, 1],
            [0, 0, 1, 1]])
     """
-    pattern = parse_pattern(n, m)
-    name = resolve_method(method, pattern)
-    engine = solvers.TRANSPOSABLE[name]
-    _check_weight(weight)
-    layout = Layout(weight.shape, pattern.m, transposable=True, pad=pad)
-    if not is_torch(weight):
-        return layout.unblock(engine.solve(layout.blocks(weight), pattern.n))
-    data = weight.detach()
-    if engine.ACCEPTS_TORCH and data.device.type != "cpu":
-        return layout.unblock(engine.solve(layout.blocks(data), pattern.n))
-    # CPU tensors take the compiled NumPy path (faster than torch there); a tensor on an
-    # accelerator goes to the host only for engines that cannot run on it.
-    host = data.to("cpu", dtype=_host_dtype(data)).numpy()
-    mask = layout.unblock(engine.solve(layout.blocks(host), pattern.n))
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(mask)).to(weight.device)
+    return mask(weight, parse_pattern(n, m), transposable=True, method=method, pad=pad)
 
 
-def resolve_method(method, pattern):
+def resolve_method(method, pattern, *, transposable=True):
     """The engine name ``method`` stands for on ``pattern`` (``"auto"`` resolved).
+
+    Parameters
+    ----------
+    method : str
+        A name from :data:`METHODS`, any case.
+    pattern : Pattern
+    transposable : bool, default True
+        Row-wise masks have one method: ``"auto"`` resolves to ``"rowwise"``.
+
+    Returns
+    -------
+    str
 
     Raises
     ------
     ValueError
-        If ``method`` is unknown, or the engine cannot solve ``pattern``.
+        If ``method`` is unknown, the engine cannot solve ``pattern``, or a transposable
+        solver is asked for a row-wise mask.
 
     Examples
     --------
     >>> from transposable.patterns import parse_pattern
     >>> resolve_method("auto", parse_pattern("2:4")), resolve_method("AUTO", parse_pattern("4:8"))
     ('exhaustive', 'cyclecanceling')
+    >>> resolve_method("auto", parse_pattern("4:8"), transposable=False)
+    'rowwise'
     """
+    if not transposable and isinstance(method, str) and method.lower() == "rowwise":
+        return "rowwise"  # already resolved
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     name = method.lower()
+    if not transposable:
+        if name != "auto":
+            raise ValueError(f"method {name!r} is a transposable solver; row-wise masks are always exact "
+                             f"(method='auto'): pass transposable=True (--transposable) or drop the method")
+        return "rowwise"
     if name == "auto":
         return "exhaustive" if solvers.exhaustive.supports(*pattern) is None else "cyclecanceling"
     reason = solvers.TRANSPOSABLE[name].supports(*pattern)
@@ -233,7 +320,7 @@ def kept_fraction(weight, mask):
     >>> kept_fraction(np.array([[3., -1]]), np.array([[True, False]]))
     0.75
     """
-    magnitude = np.abs(_as_numpy_float(weight))
+    magnitude = _relative_magnitude(weight)
     total = magnitude.sum()
     return float((magnitude * _as_numpy_bool(mask)).sum() / total) if total else 1.0
 
@@ -248,16 +335,19 @@ def ratio_to_optimum(weight, mask, optimal_mask):
     >>> ratio_to_optimum(w, np.array([[1, 1, 0, 0]]), nm_mask(w, "2:4"))
     0.8
     """
-    magnitude = np.abs(_as_numpy_float(weight))
+    magnitude = _relative_magnitude(weight)
     best = (magnitude * _as_numpy_bool(optimal_mask)).sum()
     kept = (magnitude * _as_numpy_bool(mask)).sum()
     return float(kept / best) if best else 1.0
 
 
 def _check_weight(weight, name="weight"):
+    """``weight`` validated, NumPy arrays in native byte order (the kernels need it)."""
     if not (isinstance(weight, np.ndarray) or is_torch(weight)):
         raise TypeError(f"{name} must be a NumPy array or a torch Tensor, got {type(weight).__name__}; "
                         f"wrap it with np.asarray(...) or torch.as_tensor(...)")
+    if isinstance(weight, np.ndarray) and not weight.dtype.isnative:
+        weight = weight.astype(weight.dtype.newbyteorder("="))
     dtype = str(weight.dtype).replace("torch.", "")
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have a float dtype ({', '.join(_FLOAT_DTYPES)}), got {dtype}; "
@@ -272,6 +362,7 @@ def _check_weight(weight, name="weight"):
         bad = int((~finite).sum())
         raise ValueError(f"{name} holds {bad} NaN or Inf value(s); replace them first "
                          f"(np.nan_to_num / torch.nan_to_num) or fix the weights")
+    return weight
 
 
 def _all_finite(weight):
@@ -298,7 +389,11 @@ def _as_numpy_bool(x):
     return np.asarray(x) != 0
 
 
-def _as_numpy_float(x):
+def _relative_magnitude(x):
+    """``|x| / max|x|`` in float64 (ratios of sums are unchanged, and the sums cannot
+    overflow even for weights near float64's largest value)."""
     if is_torch(x):
-        return x.detach().to("cpu", dtype=_host_dtype(x)).numpy()
-    return np.asarray(x, dtype=np.float64)
+        x = x.detach().to("cpu", dtype=_host_dtype(x)).numpy()
+    magnitude = np.abs(np.asarray(x, dtype=np.float64))
+    peak = magnitude.max(initial=0.0)
+    return magnitude / peak if peak else magnitude

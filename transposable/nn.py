@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masks import nm_mask, resolve_method, transposable_mask
+from .layout import tiling_error
+from .masks import mask, resolve_method
 from .patterns import parse_pattern
 
 log = logging.getLogger("transposable")
@@ -144,9 +145,7 @@ class _SparseLayer:
     def solve_mask(self, method):
         """The best mask of the current weight, on its device."""
         with torch.no_grad():
-            if self.transposable:
-                return transposable_mask(self.weight.detach(), self.pattern, method=method)
-            return nm_mask(self.weight.detach(), self.pattern)
+            return mask(self.weight.detach(), self.pattern, transposable=self.transposable, method=method)
 
     def extra_repr(self):
         kind = "transposable" if self.transposable else "row-wise"
@@ -249,7 +248,7 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
     pattern = parse_pattern(pattern)
     if gradient not in ("srste", "ste"):
         raise ValueError(f"gradient must be 'srste' or 'ste', got {gradient!r}")
-    resolve_method(method, pattern)
+    resolve_method(method, pattern, transposable=transposable)
     resolve_method(refresh_method, pattern)
     candidates = [(name, module) for name, module in model.named_modules() if type(module) in SPARSE_CLASSES]
     if skip_first:
@@ -262,9 +261,10 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
             continue
         if any(fnmatch.fnmatchcase(name, g) for g in exclude):
             continue
-        axes = (0, 1) if transposable else (1,)
-        if any(module.weight.shape[a] % pattern.m for a in axes):
-            log.warning("%s: weight %s does not tile at %s; left dense", name, tuple(module.weight.shape), pattern)
+        error = tiling_error(module.weight.shape, pattern.m, transposable=transposable)
+        if error is not None:
+            log.warning("%s: weight %s does not tile at %s (%s); left dense", name, tuple(module.weight.shape),
+                        pattern, error.reason)
             continue
         chosen.append((name, module))
     if not chosen:
