@@ -10,12 +10,20 @@ digits) with their log10, for:
 - ``"transposable"``: every M x M tile keeps N per row and per column; the number of
   such tiles, by an exact dynamic programme, to the power of the number of tiles;
 - ``"block"``: b x b blocks kept or pruned whole, ``C(T / b**2, kept blocks)``.
+
+Beside the exact transposable count, ``approximation="hubara2021"`` gives Hubara et al.'s
+closed-form approximation, labelled as such: ``(M! (M-1)! ... (M-Z+1)!) ** (T / M**2)``
+with ``Z = M - N`` the zeros per group (the paper counts N:M by zeros). It overstates the
+count (one 2:4 tile: 144 against the true 90; one 4:8 tile: 1.8e13 against 1.2e11), enough
+to reverse a comparison: by the approximation 4:8 transposable allows more masks than 2:4
+row-wise, counted exactly it allows fewer.
 """
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .layout import tiling_error
 from .patterns import parse_pattern
 
 STRUCTURES = ("unstructured", "rowwise", "transposable", "block")
@@ -24,6 +32,13 @@ STRUCTURES = ("unstructured", "rowwise", "transposable", "block")
 #: and beyond it while min(n, m - n) is at most ``EXACT_SMALL_SIDE``.
 EXACT_MAX_M = 16
 EXACT_SMALL_SIDE = 3
+
+#: Where a ``MaskDiversity``'s number comes from.
+SOURCES = {
+    "exact": "exact count",
+    "canfield-mckay": "asymptotic estimate (Canfield and McKay, 2005)",
+    "hubara2021": "closed-form approximation of Hubara et al. (2021), not a count",
+}
 
 #: ``MaskDiversity.exact()`` refuses counts with more decimal digits than this.
 MAX_EXACT_DIGITS = 10**7
@@ -39,15 +54,22 @@ class MaskDiversity:
     ----------
     structure : str
     log10 : float
-        log10 of the count (exact up to float rounding, or an estimate where ``estimated``).
-    estimated : bool
-        True when ``log10`` comes from an asymptotic formula (transposable, large m).
+        log10 of the count (exact up to float rounding), or of the estimate or
+        approximation that ``source`` names.
+    source : str
+        ``"exact"``, ``"canfield-mckay"`` (transposable, large m) or ``"hubara2021"`` (the
+        paper's closed form); see ``SOURCES``.
     """
 
     structure: str
     log10: float
-    estimated: bool
+    source: str
     _exact: object  # zero-argument callable giving the exact int, or None
+
+    @property
+    def estimated(self):
+        """True unless ``log10`` is that of the exact count."""
+        return self.source != "exact"
 
     def exact(self):
         """The count as an exact Python integer.
@@ -59,14 +81,14 @@ class MaskDiversity:
         """
         if self._exact is None:
             raise ValueError(f"no exact {self.structure} count here: its log10 ({self.log10:.6g}) "
-                             f"is an asymptotic estimate; see transposable_tile_log10")
+                             f"is an {SOURCES[self.source]}; see transposable_tile_log10")
         if self.log10 >= MAX_EXACT_DIGITS:
             raise ValueError(f"the exact count has about {self.log10:.3g} digits, more than "
                              f"MAX_EXACT_DIGITS={MAX_EXACT_DIGITS}; use .log10")
         return self._exact()
 
 
-def mask_diversity(structure, shape, pattern=None, *, density=None, block=None):
+def mask_diversity(structure, shape, pattern=None, *, density=None, block=None, approximation=None):
     """Mask diversity of a sparsity structure over a tensor.
 
     Parameters
@@ -83,6 +105,9 @@ def mask_diversity(structure, shape, pattern=None, *, density=None, block=None):
         kept count is ``round(density * T)`` (blocks: ``round(density * blocks)``).
     block : int, optional
         Block side ``b`` for ``"block"``.
+    approximation : {None, "hubara2021"}
+        ``"hubara2021"``: for ``"transposable"``, Hubara et al.'s closed-form
+        approximation instead of the count (see :func:`transposable_tile_paper_log10`).
 
     Returns
     -------
@@ -92,8 +117,9 @@ def mask_diversity(structure, shape, pattern=None, *, density=None, block=None):
     Raises
     ------
     ValueError
-        For an unknown structure, a density outside (0, 1], a missing pattern, density or
-        block, or a shape that the pattern's groups, tiles or blocks do not divide.
+        For an unknown structure or approximation, a density outside (0, 1], a missing
+        pattern, density or block, or a shape that the pattern's groups, tiles or blocks do
+        not divide.
 
     Notes
     -----
@@ -114,9 +140,16 @@ def mask_diversity(structure, shape, pattern=None, *, density=None, block=None):
     True
     >>> round(mask_diversity("unstructured", 10**12, density=0.5).log10)
     301029995658
+    >>> round(10 ** mask_diversity("transposable", (4, 4), "2:4", approximation="hubara2021").log10)
+    144
     """
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r}; choose from {list(STRUCTURES)}")
+    if approximation not in (None, "hubara2021"):
+        raise ValueError(f"unknown approximation {approximation!r}; the one available is 'hubara2021'")
+    if approximation is not None and structure != "transposable":
+        raise ValueError(f"approximation={approximation!r} is a formula for transposable N:M only, "
+                         f"not {structure!r}")
     size, dims = _size_and_dims(shape)
     if structure in ("rowwise", "transposable"):
         if pattern is None:
@@ -126,26 +159,28 @@ def mask_diversity(structure, shape, pattern=None, *, density=None, block=None):
             _check_divides(size, dims, m, axes=(1,), what=f"groups of m={m}")
             groups = size // m
             choices = math.comb(m, n)
-            return MaskDiversity(structure, groups * math.log10(choices), False, lambda: choices**groups)
+            return MaskDiversity(structure, groups * math.log10(choices), "exact", lambda: choices**groups)
         _check_divides(size, dims, m, axes=(0, 1), what=f"{m}x{m} tiles")
         tiles = size // (m * m)
+        if approximation == "hubara2021":
+            return MaskDiversity(structure, tiles * transposable_tile_paper_log10(n, m), "hubara2021", None)
         if _tile_count_is_exact(n, m):
             per_tile = transposable_tile_count(n, m)
-            return MaskDiversity(structure, tiles * math.log10(per_tile), False, lambda: per_tile**tiles)
-        return MaskDiversity(structure, tiles * transposable_tile_log10(n, m), True, None)
+            return MaskDiversity(structure, tiles * math.log10(per_tile), "exact", lambda: per_tile**tiles)
+        return MaskDiversity(structure, tiles * transposable_tile_log10(n, m), "canfield-mckay", None)
 
     density = _density(density, pattern)
     if structure == "unstructured":
         kept = round(density * size)
-        return MaskDiversity(structure, _log10_comb(size, kept), False, lambda: math.comb(size, kept))
+        return MaskDiversity(structure, _log10_comb(size, kept), "exact", lambda: math.comb(size, kept))
     if block is None:
         raise ValueError("structure 'block' needs block=b, the side of the b x b blocks")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive integer, got {block!r}")
-    _check_divides(size, dims, block, axes=(0, 1), what=f"{block}x{block} blocks", square=True)
+    _check_divides(size, dims, block, axes=(0, 1), what=f"{block}x{block} blocks")
     blocks = size // (block * block)
     kept = round(density * blocks)
-    return MaskDiversity(structure, _log10_comb(blocks, kept), False, lambda: math.comb(blocks, kept))
+    return MaskDiversity(structure, _log10_comb(blocks, kept), "exact", lambda: math.comb(blocks, kept))
 
 
 @lru_cache(maxsize=None)
@@ -252,15 +287,60 @@ def transposable_tile_log10(n, m):
     return 2 * m * _log10_comb(m, n) - _log10_comb(m * m, n * m) - 0.5 * _LOG10_E
 
 
+def transposable_tile_paper_log10(n, m):
+    """log10 of Hubara et al.'s closed-form approximation for one transposable tile.
+
+    The paper (Section 3) counts N:M by zeros; with ``z = m - n`` zeros per row and column
+    it approximates the count by ``m! (m-1)! ... (m-z+1)!``. This is a formula, not a
+    count, and it overstates: see the module notes.
+
+    Parameters
+    ----------
+    n, m : int
+        Kept per row and column, and the tile size.
+
+    Returns
+    -------
+    float
+
+    References
+    ----------
+    Hubara et al., "Accelerated Sparse Neural Training: A Provable and Efficient Method to
+    Find N:M Transposable Masks", NeurIPS 2021, section 3.
+
+    Examples
+    --------
+    >>> round(10 ** transposable_tile_paper_log10(2, 4))  # 4! 3!; the exact count is 90
+    144
+    >>> f"{10 ** transposable_tile_paper_log10(4, 8):.3g}"  # 8! 7! 6! 5!; exact: 1.17e11
+    '1.76e+13'
+    """
+    n, m = parse_pattern(n, m)
+    return sum(math.lgamma(m - k + 1) for k in range(m - n)) * _LOG10_E
+
+
 def diversity_table(shape, density):
     """Mask diversity of every structure at one density over one tensor.
 
     Rows: unstructured; row-wise and transposable N:M for M in 2, 4, 8, 16, 32 with
-    ``N = density * M`` a whole number; b x b blocks for b in 2, 4, 8 (those that fit).
+    ``N = density * M`` a whole number, each transposable row followed by Hubara et al.'s
+    closed-form approximation (labelled); b x b blocks for b in 2, 4, 8 (those that fit).
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        As in :func:`mask_diversity`.
+    density : float
+        Fraction kept, in (0, 1].
 
     Returns
     -------
     list of (label, MaskDiversity)
+
+    Examples
+    --------
+    >>> [label for label, _ in diversity_table((8, 8), 0.5)][:4]
+    ['unstructured', '1:2 rowwise', '1:2 transposable', '1:2 transposable (Hubara et al. approx.)']
     """
     density = _density(density, None)
     rows = [("unstructured", mask_diversity("unstructured", shape, density=density))]
@@ -272,7 +352,10 @@ def diversity_table(shape, density):
             try:
                 rows.append((f"{int(n)}:{m} {structure}", mask_diversity(structure, shape, (int(n), m))))
             except ValueError:
-                pass  # this shape does not tile
+                continue  # this shape does not tile
+            if structure == "transposable":
+                rows.append((f"{int(n)}:{m} transposable (Hubara et al. approx.)",
+                             mask_diversity(structure, shape, (int(n), m), approximation="hubara2021")))
     for b in (2, 4, 8):
         try:
             rows.append((f"block {b}x{b}", mask_diversity("block", shape, density=density, block=b)))
@@ -317,15 +400,13 @@ def _size_and_dims(shape):
     return size, dims
 
 
-def _check_divides(size, dims, m, axes, what, square=False):
-    names = {0: "out", 1: "in"}
+def _check_divides(size, dims, m, axes, what):
     if dims is None:
         unit = m * m if len(axes) == 2 else m
         if size % unit:
             raise ValueError(f"{size} weights do not split into {what} ({unit} weights each); "
                              f"give a shape or a size that is a multiple of {unit}")
         return
-    for axis in axes:
-        if dims[axis] % m:
-            raise ValueError(f"shape {dims}: dimension '{names[axis]}' (axis {axis}) has size "
-                             f"{dims[axis]}, not a multiple of {m}, so it does not split into {what}")
+    error = tiling_error(dims, m, transposable=len(axes) == 2, hint=f"shape {dims} does not split into {what}")
+    if error is not None:
+        raise error
