@@ -1,18 +1,18 @@
-"""The ``transposable`` command."""
+"""The ``transposable`` command.
+
+Every failure is one line on stderr and a non-zero exit; outputs are checked before any
+work and written atomically, so an error, Ctrl-C (exit 130) or SIGTERM (exit 143) leaves
+no output behind. Modules are imported by the subcommand that needs them: ``--help`` and
+``diversity`` never load torch or numba.
+"""
 import argparse
-import math
+import logging
+import os
+import signal
 import sys
-import time
 from pathlib import Path
 
-import solvers
-
 from . import __version__
-from .convert import convert_checkpoint
-from .diversity import STRUCTURES, diversity_table, mask_diversity
-from .io import file_format, load_tensor, save_tensors
-from .masks import METHODS, kept_fraction, nm_mask, resolve_method, transposable_mask
-from .patterns import parse_pattern
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -22,21 +22,93 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, so temporary outputs are removed."""
+
+
 def main(argv=None):
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    """Run the ``transposable`` command; returns its exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, 1 after an error (one line on stderr), 130 after Ctrl-C, 143 after
+        SIGTERM. Usage errors and ``--help`` exit through ``SystemExit`` (2 and 0).
+
+    Examples
+    --------
+    >>> main(["diversity", "--shape", "4x4", "--pattern", "2:4", "--transposable"])
+    structure  transposable 2:4
+    shape      4x4 (16 weights)
+    log10 MD   1.9542
+    exact      90
+    paper      2.1584 (Hubara et al. 2021's closed-form approximation, not a count)
+    0
+    """
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    _log_to_stderr()
+    command = "transposable"
     try:
+        args = _build_parser().parse_args(argv)
+        command = f"transposable {args.command}"
         args.run(args)
     except KeyboardInterrupt:
-        print("transposable: interrupted; no output was written", file=sys.stderr)
+        print(f"{command}: interrupted; no output was written", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, solvers.MinCostFlowError) as exc:
-        print(f"transposable {args.command}: error: {exc}", file=sys.stderr)
+    except Terminated:
+        print(f"{command}: terminated; no output was written", file=sys.stderr)
+        return 143
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug or an unforeseen failure: still one line, traceback on request
+        if os.environ.get("TRANSPOSABLE_TRACEBACK"):
+            raise
+        print(f"{command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              f"(set TRANSPOSABLE_TRACEBACK=1 to see where)", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _one_line(exc):
+    from .io import first_line
+
+    return first_line(exc)
+
+
+def _log_to_stderr():
+    """Library warnings (e.g. "compiling solver kernels") as ``transposable: ...`` lines."""
+    logger = logging.getLogger("transposable")
+    if not any(getattr(h, "_transposable_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("transposable: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler._transposable_cli = True
+        logger.addHandler(handler)
+
+
 def _build_parser():
+    from .diversity import STRUCTURES
+    from .masks import METHODS
+
     parser = _OneLineParser(
         prog="transposable",
         description="N:M and transposable N:M sparsity masks for weight tensors.")
@@ -48,13 +120,12 @@ def _build_parser():
         description="Find the best N:M mask (groups of M along the input dimension) or "
                     "transposable N:M mask (M x M tiles over (out, in)) of one weight tensor "
                     "and write it as a bool tensor.")
-    solve.add_argument("file", help="weight file: .npy, .pt/.pth/.bin (a tensor or state dict) "
-                                    "or .safetensors")
-    solve.add_argument("--key", help="tensor name inside a .pt or .safetensors file "
-                                     "(needed when it holds several)")
-    _add_mask_options(solve, pad_help="pad dimensions that are not a multiple of M with zeros, then crop")
+    solve.add_argument("file", help="weight file: .npy, .pt/.pth/.bin (a tensor or state dict), "
+                                    ".safetensors or a *.safetensors.index.json")
+    solve.add_argument("--key", help="tensor name inside the file (needed when it holds several)")
+    _add_mask_options(solve, METHODS, pad_help="pad dimensions that are not a multiple of M with zeros, then crop")
     solve.add_argument("-o", "--output", required=True,
-                       help="mask file: .npy, or the input's own format")
+                       help="mask file: .npy, or the input's own format (.safetensors for a sharded input)")
     solve.add_argument("--force", action="store_true", help="replace an existing output file")
     solve.set_defaults(run=_solve)
 
@@ -62,7 +133,8 @@ def _build_parser():
         "diversity", help="count the masks a sparsity structure allows (mask diversity)",
         description="Mask diversity (Hubara et al. 2021): the number of masks a structure allows "
                     "over a tensor, as log10 (and the exact integer when it is short). "
-                    "With --table, every structure at one density side by side.")
+                    "With --table, every structure at one density side by side, with Hubara et al.'s "
+                    "closed-form approximation beside the exact transposable counts.")
     diversity.add_argument("--shape", required=True, type=_shape,
                            help="tensor shape, e.g. 768x3072 (out x in[ x kernel...]), or a weight count")
     diversity.add_argument("--pattern", help="N:M for row-wise or transposable masks, e.g. 4:8")
@@ -85,18 +157,18 @@ def _build_parser():
     convert.add_argument("input", help="checkpoint file, or a *.safetensors.index.json")
     convert.add_argument("-o", "--output", required=True,
                          help="output of the same kind (for sharded input: the new index path)")
-    _add_mask_options(convert, pad_help="pad weights that do not tile instead of leaving them dense")
+    _add_mask_options(convert, METHODS, pad_help="pad weights that do not tile instead of leaving them dense")
     convert.add_argument("--include", action="append", default=[], metavar="GLOB",
                          help="convert only tensors whose names match (repeatable)")
     convert.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                          help="also leave these tensors alone (repeatable)")
-    convert.add_argument("--report", metavar="FILE", help="also write the per-tensor report as JSON")
+    convert.add_argument("--report", metavar="FILE.json", help="also write the per-tensor report as JSON")
     convert.add_argument("--force", action="store_true", help="replace existing output files")
     convert.set_defaults(run=_convert)
 
     demo = commands.add_parser(
         "demo", help="train, prune and convert a small model on bundled data (offline)",
-        description="Train an MLP on the bundled digits, prune it to 50%% unstructured, save the "
+        description="Train an MLP on the bundled digits, prune it to 50% unstructured, save the "
                     "checkpoint, convert it to 2:4 transposable by magnitude and by AdaPrune, and "
                     "print the test accuracy of each.")
     demo.add_argument("--pattern", default="2:4", help="N:M to convert to (default 2:4)")
@@ -115,45 +187,46 @@ def _build_parser():
     return parser
 
 
-def _add_mask_options(parser, pad_help):
+def _add_mask_options(parser, methods, pad_help):
     """--pattern, --transposable, --method and --pad, as solve and convert share them."""
     parser.add_argument("--pattern", required=True, help="N:M, N kept of every M, e.g. 2:4")
     parser.add_argument("--transposable", action="store_true",
                         help="make every mask's transpose N:M too (M x M tiles)")
-    parser.add_argument("--method", default=None, choices=METHODS, type=str.lower,
+    parser.add_argument("--method", default="auto", choices=methods, type=str.lower,
                         help="transposable solver (default: auto, the fastest exact one)")
     parser.add_argument("--pad", action="store_true", help=pad_help)
 
 
-def _method(args):
-    """The --method asked for ("auto" if none); only meaningful with --transposable."""
-    if args.method is not None and not args.transposable:
-        raise ValueError("--method chooses the transposable solver; add --transposable or drop --method")
-    return args.method or "auto"
-
-
 def _solve(args):
+    import time
+
+    from .formats import format_of, mask_metadata, read_tensor, write_tensors
+    from .io import check_outputs
+    from .masks import kept_fraction, mask, resolve_method
+    from .patterns import parse_pattern
+
     pattern = parse_pattern(args.pattern)
-    method = _method(args)
-    method = resolve_method(method, pattern) if args.transposable else "rowwise"
-    _check_output(args.file, args.output)
-    weight, key = load_tensor(args.file, args.key)
+    method = resolve_method(args.method, pattern, transposable=args.transposable)
+    source = format_of(args.file)
+    target = format_of(args.output)
+    allowed = {"npy", source.NAME if source.write_tensors else "safetensors"}
+    if target.NAME not in allowed:
+        raise ValueError(f"output '{args.output}' must be .npy or "
+                         f"{source.DESCRIPTION if source.write_tensors else '.safetensors'}")
+    check_outputs([args.output], inputs=source.files(args.file), force=args.force)
+    weight, key = read_tensor(args.file, args.key)
 
     start = time.perf_counter()
-    if args.transposable:
-        mask = transposable_mask(weight, pattern, method=method, pad=args.pad)
-    else:
-        mask = nm_mask(weight, pattern, pad=args.pad)
+    result = mask(weight, pattern, transposable=args.transposable, method=method, pad=args.pad)
     seconds = time.perf_counter() - start
 
-    metadata = {"pattern": str(pattern), "transposable": str(args.transposable).lower(),
-                "method": method, "transposable_version": __version__}
-    save_tensors(args.output, {key or "mask": mask}, metadata=metadata, force=args.force)
+    write_tensors(args.output, {key or "mask": result}, metadata=mask_metadata(pattern, args.transposable, method),
+                  force=args.force)
     rows = [("file", args.file), ("key", key or "-"),
             ("shape", f"{tuple(weight.shape)} {str(weight.dtype).replace('torch.', '')}"),
             ("pattern", f"{pattern}{' transposable' if args.transposable else ' row-wise'}"),
             ("method", method), ("seconds", f"{seconds:.4f}"),
-            ("kept L1", f"{kept_fraction(weight, mask):.4f} of the weight's L1"),
+            ("kept L1", f"{kept_fraction(weight, result):.4f} of the weight's L1"),
             ("wrote", args.output)]
     for name, value in rows:
         print(f"{name:<8} {value}")
@@ -170,6 +243,11 @@ def _shape(text):
 
 
 def _diversity(args):
+    import math
+
+    from .diversity import diversity_table, mask_diversity
+    from .patterns import parse_pattern
+
     size = args.shape if isinstance(args.shape, int) else math.prod(args.shape)
     shown = args.shape if isinstance(args.shape, int) else "x".join(map(str, args.shape))
     if args.table:
@@ -177,11 +255,11 @@ def _diversity(args):
         rows = diversity_table(args.shape, density)
         unstructured = rows[0][1].log10
         print(f"mask diversity over {shown} ({size} weights) at density {density:g}")
-        print(f"| {'structure':<30} | {'log10 MD':>16} | {'per weight':>10} | {'vs unstructured':>16} |")
-        print(f"|{'-' * 32}|{'-' * 18}|{'-' * 12}|{'-' * 18}|")
+        print(f"| {'structure':<44} | {'log10 MD':>16} | {'per weight':>10} | {'vs unstructured':>16} |")
+        print(f"|{'-' * 46}|{'-' * 18}|{'-' * 12}|{'-' * 18}|")
         for label, md in rows:
-            mark = " (estimate)" if md.estimated else ""
-            print(f"| {label + mark:<30} | {md.log10:16.2f} | {md.log10 / size:10.5f} | "
+            mark = " (estimate)" if md.source == "canfield-mckay" else ""
+            print(f"| {label + mark:<44} | {md.log10:16.2f} | {md.log10 / size:10.5f} | "
                   f"{md.log10 - unstructured:16.2f} |")
         return
     structure = args.structure or ("transposable" if args.transposable else "rowwise")
@@ -196,15 +274,20 @@ def _diversity(args):
         digits = int(md.log10) + 1
         print(f"exact      {md.exact()}" if digits <= 60 else
               f"exact      {digits} digits (transposable.diversity.mask_diversity(...).exact())")
+    if structure == "transposable":
+        paper = mask_diversity(structure, args.shape, args.pattern, approximation="hubara2021")
+        print(f"paper      {paper.log10:.4f} (Hubara et al. 2021's closed-form approximation, not a count)")
 
 
 def _convert(args):
-    method = _method(args)
-    if args.report:
-        _check_output(args.input, args.report, allowed=(".json",))
+    from .convert import convert_checkpoint
+
+    if args.report and Path(args.report).suffix.lower() != ".json":
+        raise ValueError(f"--report '{args.report}' must end in .json")
     report = convert_checkpoint(args.input, args.output, args.pattern, transposable=args.transposable,
-                                method=method, include=args.include, exclude=args.exclude,
-                                pad=args.pad, force=args.force, progress=sys.stderr.isatty())
+                                method=args.method, include=args.include, exclude=args.exclude,
+                                pad=args.pad, force=args.force, progress=sys.stderr.isatty(),
+                                report_file=args.report)
     print(f"| {'tensor':<40} | {'shape':<16} | {'density':>7} | {'kept L1':>7} | "
           f"{'nz kept':>7} | {'seconds':>7} | status")
     print(f"|{'-' * 42}|{'-' * 18}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 8}")
@@ -218,13 +301,7 @@ def _convert(args):
           f"weights) to {report.pattern}{' transposable' if report.transposable else ''} with {report.method}; "
           f"{summary['left_dense']} left dense, {summary['skipped']} skipped; kept L1 {kept}; "
           f"{summary['seconds']:.2f} s solving")
-    print(f"wrote {args.output}")
-    if args.report:
-        from .io import atomic_output
-
-        with atomic_output(args.report, force=args.force) as tmp:
-            Path(tmp).write_text(report.to_json())
-        print(f"wrote {args.report}")
+    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
 
 
 def _demo(args):
@@ -232,7 +309,7 @@ def _demo(args):
 
     if args.keep and not Path(args.keep).is_dir():
         raise FileNotFoundError(f"--keep directory '{args.keep}' does not exist")
-    rows = run_demo(workdir=args.keep, pattern=args.pattern)
+    rows = run_demo(workdir=args.keep, pattern=args.pattern, log=_progress_line)
     print(f"\n| {'model':<44} | {'Linear weights non-zero':>23} | {'test accuracy':>13} |")
     print(f"|{'-' * 46}|{'-' * 25}|{'-' * 15}|")
     for label, kept, accuracy in rows:
@@ -247,24 +324,16 @@ def _train(args):
                          "transposable.nn.sparsify and MaskRefresher (see the README)")
     if args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
-    rows = run_training_demo(epochs=args.epochs, progress=sys.stderr.isatty(), log=lambda *a: None)
+    bar = sys.stderr.isatty()  # a progress bar on a terminal, else one line per finished run
+    rows = run_training_demo(epochs=args.epochs, progress=bar, log=(lambda *a: None) if bar else _progress_line)
     print(f"| {'model':<26} | {'test accuracy':>13} | {'final SAD':>10} |")
     print(f"|{'-' * 28}|{'-' * 15}|{'-' * 12}|")
     for label, accuracy, sad in rows:
         print(f"| {label:<26} | {accuracy:13.4f} | {'-' if sad is None else f'{sad:.5f}':>10} |")
 
 
-def _check_output(source, output, allowed=None):
-    """Refuse outputs that would replace the input or change its format."""
-    if Path(output).resolve() == Path(source).resolve():
-        raise ValueError(f"output '{output}' is the input file; the input is never overwritten")
-    if allowed is not None:
-        if Path(output).suffix.lower() not in allowed:
-            raise ValueError(f"'{output}' must end in {' or '.join(allowed)}")
-        return
-    if file_format(output) not in ("npy", file_format(source)):
-        raise ValueError(f"output '{output}' must be .npy or the input's format "
-                         f"({Path(source).suffix})")
+def _progress_line(text):
+    print(text, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

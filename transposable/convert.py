@@ -1,12 +1,12 @@
 """Convert trained checkpoints to N:M or transposable N:M, streaming and safely.
 
-Formats: PyTorch files (``.pt``, ``.pth``, ``.bin``; read with ``weights_only=True``),
-single safetensors files, and sharded safetensors (``*.safetensors.index.json`` with its
-shards). The output keeps the input's format, sharding, tensor names, dtypes and metadata;
-tensors that are not converted are copied byte for byte. Safetensors are streamed: one
-tensor at a time is read, masked and written, so memory stays near the largest tensor.
+Formats: every format in :mod:`transposable.formats` that holds checkpoints: PyTorch files
+(``.pt``, ``.pth``, ``.bin``; read with ``weights_only=True``), single safetensors files,
+and sharded safetensors (``*.safetensors.index.json`` with its shards). The output keeps
+the input's format, sharding, tensor names, dtypes and metadata; tensors that are not
+converted are copied byte for byte. Safetensors are streamed: one tensor at a time is read,
+masked and written, so memory stays near the largest tensor.
 """
-import contextlib
 import fnmatch
 import json
 import math
@@ -14,21 +14,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from . import __version__
-from .io import (
-    atomic_output,
-    file_format,
-    load_torch_file,
-    read_safetensors_header,
-    safetensors_header_bytes,
-)
-from .masks import kept_fraction, nm_mask, resolve_method, transposable_mask
+from .formats import format_of, mask_metadata
+from .io import atomic_outputs, check_outputs
+from .layout import TilingError
+from .masks import kept_fraction, mask, resolve_method
 from .patterns import parse_pattern
 
 #: Tensors never converted unless ``include`` names them: embeddings, norms, biases.
 DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*norm*", "*ln_*", "*.ln*", "*bias")
+
 
 @dataclass
 class TensorReport:
@@ -74,7 +69,7 @@ class ConversionReport:
 
 
 def convert_checkpoint(source, output, pattern, *, transposable=False, method="auto", include=(),
-                       exclude=(), pad=False, force=False, progress=False):
+                       exclude=(), pad=False, force=False, progress=False, report_file=None):
     """Write an N:M (or transposable N:M) copy of a checkpoint.
 
     Parameters
@@ -88,9 +83,11 @@ def convert_checkpoint(source, output, pattern, *, transposable=False, method="a
     pattern : str or tuple
         ``"2:4"`` etc.: N kept of every M along each weight's input dimension.
     transposable : bool, default False
-        Make every mask transposable too (M x M tiles over ``(out, in)``).
+        Make every mask transposable too (M x M tiles over ``(out, in)``). Off by default
+        because a converted checkpoint usually serves inference, which needs only the
+        row-wise pattern; training's backward pass needs the transposable one.
     method : str, default "auto"
-        Transposable solver, as in :func:`transposable.transposable_mask`.
+        Transposable solver, as in :func:`transposable.mask`.
     include, exclude : sequence of str
         Glob patterns on tensor names. By default every floating tensor with at least 2
         dimensions is converted except names matching ``DEFAULT_EXCLUDE`` (embeddings,
@@ -103,6 +100,8 @@ def convert_checkpoint(source, output, pattern, *, transposable=False, method="a
         Replace existing output files. The input is never overwritten.
     progress : bool, default False
         Show a progress bar over tensors (stderr).
+    report_file : str or Path, optional
+        Also write the report as JSON there, in the same all-or-nothing write.
 
     Returns
     -------
@@ -111,7 +110,9 @@ def convert_checkpoint(source, output, pattern, *, transposable=False, method="a
     Raises
     ------
     FileExistsError
-        If an output exists and ``force`` is False.
+        If an output exists and ``force`` is False (checked before any work).
+    FileNotFoundError, PermissionError
+        If an input is missing, or an output directory is missing or not writable.
     ValueError
         For a bad pattern or method, an output of another format or equal to the input, a
         corrupt or truncated file, a missing shard, or a tensor name found twice.
@@ -121,7 +122,7 @@ def convert_checkpoint(source, output, pattern, *, transposable=False, method="a
     Masks follow the library's axis convention (groups along ``in``, tiles over ``(out,
     in)`` per kernel tap). Pruned weights become exact zeros in the tensor's own dtype.
     Outputs are written to temporary files beside their destination and renamed only when
-    everything is written, so an error or Ctrl-C leaves no partial output.
+    everything is written, so an error, Ctrl-C or full disk leaves no partial output.
 
     Examples
     --------
@@ -133,31 +134,81 @@ def convert_checkpoint(source, output, pattern, *, transposable=False, method="a
     ['converted', 'skipped: 1-D']
     """
     pattern = parse_pattern(pattern)
-    method = resolve_method(method, pattern) if transposable else "rowwise"
+    method = resolve_method(method, pattern, transposable=transposable)
     source, output = Path(source), Path(output)
-    kind = _kind(source)
-    if kind == "npy":
-        raise ValueError(f"'{source}' is a .npy array, not a checkpoint; convert takes .pt/.pth/.bin, "
-                         f".safetensors or a *.safetensors.index.json (transposable solve masks one array)")
-    if _kind(output) != kind:
-        raise ValueError(f"output '{output}' must be of the input's kind ({_describe(kind)})")
+    fmt = format_of(source)
+    if fmt.convert is None:
+        raise ValueError(f"'{source}' is a {fmt.DESCRIPTION} array, not a checkpoint; convert takes "
+                         f".pt/.pth/.bin, .safetensors or a *.safetensors.index.json "
+                         f"(transposable solve masks one array)")
+    if format_of(output) is not fmt:
+        raise ValueError(f"output '{output}' must be of the input's kind ({fmt.DESCRIPTION})")
+    outputs = fmt.output_files(source, output) + ([Path(report_file)] if report_file else [])
+    check_outputs(outputs, inputs=fmt.files(source), force=force)  # before any work
     report = ConversionReport(str(source), str(output), str(pattern), transposable, method)
-    options = dict(pattern=pattern, transposable=transposable, method=method, pad=pad,
-                   include=tuple(include), exclude=DEFAULT_EXCLUDE + tuple(exclude))
-    metadata = {"transposable.pattern": str(pattern), "transposable.transposable": str(transposable).lower(),
-                "transposable.method": method, "transposable.version": __version__}
-    if kind == "sharded":
-        _convert_sharded(source, output, options, metadata, report, force, progress)
-    elif kind == "safetensors":
-        _refuse_input_as_output(output, [source])
-        tensors, file_metadata, data_start = read_safetensors_header(source)
-        with _progress(len(tensors), progress) as bar, atomic_output(output, force=force) as tmp:
-            _convert_safetensors_file(source, tensors, file_metadata, data_start, tmp, options,
-                                      metadata, report, bar)
-    else:
-        _refuse_input_as_output(output, [source])
-        _convert_torch_file(source, output, options, metadata, report, force, progress)
+    converter = Converter(pattern, transposable, method, pad, tuple(include), DEFAULT_EXCLUDE + tuple(exclude),
+                          report, progress)
+    with atomic_outputs(outputs, force=force) as temporaries:
+        try:
+            fmt.convert(source, output, temporaries, converter, mask_metadata(pattern, transposable, method))
+        finally:
+            converter.close()
+        if report_file:
+            Path(temporaries[Path(report_file)]).write_text(report.to_json())
     return report
+
+
+class Converter:
+    """Chooses, masks and reports tensor by tensor; the format modules call it.
+
+    ``begin(total)`` once, then per tensor ``wants(name, shape, dtype, is_float)``: True
+    to have it converted by ``converter(name, tensor)``, False (reported as skipped) to
+    have it copied as it is.
+    """
+
+    def __init__(self, pattern, transposable, method, pad, include, exclude, report, progress):
+        self.pattern, self.transposable, self.method, self.pad = pattern, transposable, method, pad
+        self.include, self.exclude, self.report, self.progress = include, exclude, report, progress
+        self.bar = None
+
+    def begin(self, total):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="tensor", disable=not self.progress, leave=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def wants(self, name, shape, dtype, is_float):
+        reason = select(name, shape, is_float, self.include, self.exclude)
+        if reason is not None:
+            self.report.tensors.append(TensorReport(name, list(shape), dtype, f"skipped: {reason}"))
+            self.bar.update()
+        return reason is None
+
+    def __call__(self, name, tensor):
+        import torch
+
+        shape, dtype = list(tensor.shape), str(tensor.dtype).replace("torch.", "")
+        start = time.perf_counter()
+        try:
+            kept = mask(tensor, self.pattern, transposable=self.transposable, method=self.method, pad=self.pad)
+        except TilingError as exc:
+            self.report.tensors.append(TensorReport(name, shape, dtype, f"left dense: {exc.reason}"))
+            self.bar.update()
+            return tensor
+        except ValueError as exc:
+            raise ValueError(f"tensor {name!r}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        nonzero = tensor != 0
+        nonzeros = int(nonzero.sum())
+        self.report.tensors.append(TensorReport(
+            name, shape, dtype, "converted", density=nonzeros / tensor.numel(),
+            kept_l1=kept_fraction(tensor, kept),
+            nonzeros_kept=int((nonzero & kept).sum()) / nonzeros if nonzeros else 1.0, seconds=seconds))
+        self.bar.update()
+        return torch.where(kept, tensor, torch.zeros((), dtype=tensor.dtype))  # +0.0, never -0.0
 
 
 def select(name, shape, is_float, include, exclude):
@@ -176,185 +227,3 @@ def select(name, shape, is_float, include, exclude):
         if fnmatch.fnmatchcase(name, glob) and not (included and glob in DEFAULT_EXCLUDE):
             return f"excluded by {glob}"
     return None
-
-
-def _skip(name, shape, dtype, reason, report):
-    report.tensors.append(TensorReport(name, list(shape), dtype, f"skipped: {reason}"))
-
-
-def _convert_tensor(name, tensor, options, report):
-    """The masked tensor to write (a selected one), with its report entry appended."""
-    shape, dtype = list(tensor.shape), str(tensor.dtype).replace("torch.", "")
-    start = time.perf_counter()
-    try:
-        if options["transposable"]:
-            mask = transposable_mask(tensor, options["pattern"], method=options["method"], pad=options["pad"])
-        else:
-            mask = nm_mask(tensor, options["pattern"], pad=options["pad"])
-    except ValueError as exc:
-        if "not a multiple of" not in str(exc):
-            raise ValueError(f"tensor {name!r}: {exc}") from exc
-        report.tensors.append(TensorReport(name, shape, dtype, f"left dense: {str(exc).split(';')[0]}"))
-        return tensor
-    seconds = time.perf_counter() - start
-    nonzero = tensor != 0
-    nonzeros = int(nonzero.sum())
-    report.tensors.append(TensorReport(
-        name, shape, dtype, "converted", density=nonzeros / tensor.numel(),
-        kept_l1=kept_fraction(tensor, mask),
-        nonzeros_kept=int((nonzero & mask).sum()) / nonzeros if nonzeros else 1.0, seconds=seconds))
-    return torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype))  # +0.0, never -0.0
-
-
-_TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-def _convert_safetensors_file(source, tensors, file_metadata, data_start, destination, options, metadata,
-                              report, bar):
-    # Tensors are read with plain reads, not a memory map: mapped pages stay resident as
-    # they are touched, so peak memory would grow to the whole file.
-    with open(destination, "wb") as out, open(source, "rb") as raw:
-        out.write(safetensors_header_bytes(tensors, {**file_metadata, **metadata}))
-        for name, info in tensors.items():
-            begin, end = info["data_offsets"]
-            raw.seek(data_start + begin)
-            reason = select(name, info["shape"], info["dtype"] in _TORCH_DTYPES, options["include"],
-                            options["exclude"])
-            if reason is None:
-                data = bytearray(end - begin)
-                if raw.readinto(data) != len(data):
-                    raise ValueError(f"'{source}' ended early: it is truncated")
-                tensor = torch.frombuffer(data, dtype=_TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
-                converted = _convert_tensor(name, tensor, options, report)
-                out.write(converted.contiguous().view(torch.uint8).numpy().tobytes())
-            else:  # copied byte for byte
-                _skip(name, info["shape"], info["dtype"].lower(), reason, report)
-                _copy(raw, out, end - begin)
-            bar.update()
-
-
-def _copy(source, destination, count, chunk=1 << 24):
-    while count:
-        data = source.read(min(chunk, count))
-        if not data:
-            raise ValueError(f"'{source.name}' ended early: it is truncated")
-        destination.write(data)
-        count -= len(data)
-
-
-def _convert_sharded(index_path, output, options, metadata, report, force, progress):
-    index = _read_index(index_path)
-    shard_names = sorted(set(index["weight_map"].values()))
-    shards = [index_path.parent / name for name in shard_names]
-    _refuse_input_as_output(output, [index_path, *shards])
-    headers, seen = {}, {}
-    for name, path in zip(shard_names, shards):
-        if not path.exists():
-            raise FileNotFoundError(f"shard '{path}' listed in '{index_path}' is missing")
-        headers[name] = read_safetensors_header(path)
-        for tensor in headers[name][0]:
-            if tensor in seen:
-                raise ValueError(f"tensor {tensor!r} is in two shards, '{seen[tensor]}' and '{name}'")
-            seen[tensor] = name
-    missing = [t for t, shard in index["weight_map"].items() if seen.get(t) != shard]
-    if missing:
-        raise ValueError(f"'{index_path}' maps {len(missing)} tensor(s) to shards that do not hold them, "
-                         f"e.g. {missing[0]!r}")
-    for name in shard_names:
-        _refuse_input_as_output(output.parent / name, [index_path, *shards])
-    total = sum(len(h[0]) for h in headers.values())
-    with contextlib.ExitStack() as stack:  # all or nothing: renamed together at the end
-        index_tmp = stack.enter_context(atomic_output(output, force=force))
-        targets = {name: stack.enter_context(atomic_output(output.parent / name, force=force))
-                   for name in shard_names}
-        bar = stack.enter_context(_progress(total, progress))
-        for name, path in zip(shard_names, shards):
-            tensors, file_metadata, data_start = headers[name]
-            _convert_safetensors_file(path, tensors, file_metadata, data_start, targets[name], options,
-                                      metadata, report, bar)
-        index = {**index, "metadata": {**index.get("metadata", {}), **metadata}}
-        Path(index_tmp).write_text(json.dumps(index, indent=2))
-
-
-def _read_index(path):
-    from .io import _check_readable
-
-    _check_readable(path)
-    try:
-        index = json.loads(Path(path).read_text())
-    except ValueError as exc:
-        raise ValueError(f"'{path}' is not a valid safetensors index: {exc}") from exc
-    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise ValueError(f"'{path}' is not a safetensors index: it has no 'weight_map'")
-    return index
-
-
-def _convert_torch_file(source, output, options, metadata, report, force, progress):
-    import collections
-
-    obj = load_torch_file(source)
-    count = sum(1 for _ in _tensors_in(obj))
-    with _progress(count, progress) as bar:
-        def walk(node, prefix):
-            if isinstance(node, torch.Tensor):
-                bar.update()
-                name = prefix.rstrip(".")
-                reason = select(name, node.shape, node.is_floating_point(), options["include"], options["exclude"])
-                if reason is None:
-                    return _convert_tensor(name, node, options, report)
-                _skip(name, node.shape, str(node.dtype).replace("torch.", ""), reason, report)
-                return node
-            if isinstance(node, dict):
-                converted = type(node)((key, walk(value, f"{prefix}{key}.")) for key, value in node.items())
-                if hasattr(node, "_metadata"):
-                    converted._metadata = node._metadata
-                return converted
-            return node
-
-        converted = walk(obj, "")
-    if isinstance(converted, dict):
-        # State dicts carry module metadata in OrderedDict._metadata; load_state_dict only
-        # reads entries named after modules, so ours rides along without a stray key.
-        converted = collections.OrderedDict(converted) if not hasattr(converted, "_metadata") else converted
-        converted._metadata = getattr(converted, "_metadata", collections.OrderedDict())
-        converted._metadata["transposable"] = metadata
-    with atomic_output(output, force=force) as tmp:
-        torch.save(converted, tmp)
-
-
-def _tensors_in(node):
-    if isinstance(node, torch.Tensor):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from _tensors_in(value)
-
-
-def _kind(path):
-    name = Path(path).name
-    if name.endswith(".safetensors.index.json"):
-        return "sharded"
-    return file_format(path)
-
-
-def _describe(kind):
-    return {"sharded": "a *.safetensors.index.json", "safetensors": ".safetensors", "pt": ".pt, .pth or .bin",
-            "npy": ".npy"}[kind]
-
-
-def _refuse_input_as_output(output, inputs):
-    target = Path(output).resolve()
-    for path in inputs:
-        if Path(path).resolve() == target:
-            raise ValueError(f"output '{output}' is an input file; inputs are never overwritten")
-
-
-@contextlib.contextmanager
-def _progress(total, enabled):
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="tensor", disable=not enabled, leave=False)
-    try:
-        yield bar
-    finally:
-        bar.close()
