@@ -57,7 +57,8 @@ def greedy_then_improve(tiles, n, rounds, exact):
     from ._jit import announce_compile, is_compiled
     from ._tile_kernels import solve_grid
 
-    args = (as_grid(compute_dtype(np.asarray(tiles))), n, rounds, exact)
-    m = args[0].shape[-1]
+    grid = as_grid(compute_dtype(np.asarray(tiles)))
+    args = (grid, n, rounds, exact, grid.dtype == np.float64)
+    m = grid.shape[-1]
     with announce_compile(f"{'cycle canceling' if exact else 'greedy'} (m={m})", not is_compiled(solve_grid, args)):
         return shaped_like(solve_grid(*args), tiles)

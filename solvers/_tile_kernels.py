@@ -51,30 +51,48 @@ def store_tile(keep, out, a, b):
 
 
 @jit()
-def order_entries(w, flat, order):
+def order_entries(w, float64_order, flat, keys, key_floats, key_bits, order):
     """Flat indices of the tile by decreasing ``w``, ties by increasing index, compared in
-    float64 (which holds float16/32/64 inputs exactly, so the order is the input's own).
+    the input's precision.
 
-    Small tiles count each entry's rank: the entries before it that are at least as large
-    plus the entries after it that are larger (two branch-free loops that vectorize: faster
-    than sorting up to 256 entries); larger tiles take a stable sort.
+    For float32 (and narrower) inputs the keys are ``float32 bits << 32 | reversed index``:
+    for non-negative floats the bit patterns sort like the values, and the index makes keys
+    distinct, so one comparison ranks a pair. Float64 inputs (``float64_order``) compare
+    values and indices directly (float32 keys would tie values beyond float32's range and
+    near-ties below its resolution). Small tiles count each entry's rank (branch-free,
+    vectorized: faster than sorting up to 256 entries); larger ones sort.
     """
     m = w.shape[0]
     size = m * m
     for i in range(m):
         for j in range(m):
             flat[i * m + j] = w[i, j]
+    if float64_order:
+        if size <= 256:
+            for q in range(size):
+                value = flat[q]
+                rank = 0
+                for p in range(size):
+                    rank += (flat[p] > value) | ((flat[p] == value) & (p < q))
+                order[rank] = q
+        else:
+            order[:] = np.argsort(-flat, kind="mergesort")
+        return
+    for q in range(size):
+        key_floats[q] = flat[q]
+    for q in range(size):
+        keys[q] = (np.int64(key_bits[q]) << 32) | (size - 1 - q)
     if size <= 256:
         for q in range(size):
-            value = flat[q]
+            key = keys[q]
             rank = 0
-            for p in range(q):
-                rank += flat[p] >= value
-            for p in range(q + 1, size):
-                rank += flat[p] > value
+            for p in range(size):
+                rank += keys[p] > key
             order[rank] = q
     else:
-        order[:] = np.argsort(-flat, kind="mergesort")
+        keys.sort()
+        for r in range(size):
+            order[r] = size - 1 - (keys[size - 1 - r] & 0xFFFFFFFF)
 
 
 @jit()
@@ -278,9 +296,10 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
 
 
 @jit(parallel=True)
-def solve_grid(grid, n, rounds, exact):
+def solve_grid(grid, n, rounds, exact, float64_order):
     """Greedy, completion, up to ``rounds`` 2-opt passes and, if ``exact``, cycle
-    canceling on every tile of the grid, in parallel over rows of tiles."""
+    canceling on every tile of the grid, in parallel over rows of tiles. ``float64_order``
+    (for float64 grids) orders entries in float64 rather than by float32 keys."""
     tiles_down, m, tiles_across, _ = grid.shape
     out = np.zeros(grid.shape, np.bool_)
     size = m * m
@@ -290,6 +309,9 @@ def solve_grid(grid, n, rounds, exact):
         row_count = np.empty(m, np.int64)
         col_count = np.empty(m, np.int64)
         flat = np.empty(size)
+        keys = np.empty(size, np.int64)
+        key_floats = np.empty(size, np.float32)
+        key_bits = key_floats.view(np.int32)
         order = np.empty(size, np.int64)
         hop_cost = np.empty((m, m))
         kept_w = np.empty((m, m))
@@ -304,7 +326,7 @@ def solve_grid(grid, n, rounds, exact):
             keep[:] = False
             row_count[:] = 0
             col_count[:] = 0
-            order_entries(w, flat, order)
+            order_entries(w, float64_order, flat, keys, key_floats, key_bits, order)
             if greedy_tile(w, n, keep, row_count, col_count, order) < n * m:
                 complete_tile(w, n, keep, row_count, col_count)
             tol = 1e-12 * w.max()  # far above float64 rounding of an m-hop cycle
