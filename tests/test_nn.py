@@ -237,27 +237,16 @@ def run_ddp_workers(out):
 def test_ddp_two_processes_keep_identical_masks(tmp_path):
     out = tmp_path / "checked"
     result = run_ddp_workers(out)
-    verdicts = [Path(f"{out}.{rank}") for rank in (0, 1)]
-    if result.returncode != 0 and all(v.exists() for v in verdicts):
-        # Known issue (README): on this 2-core machine an early burst of runs saw a rank
-        # abort at interpreter exit, after its work and verdict were done ("terminate called
-        # without an active exception"; gloo together with numba's thread pool). Such a run
-        # is retried once; a second abort, or any failure during the work, fails the test.
-        result = run_ddp_workers(out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [int(v.read_text()) for v in verdicts] == [4, 4]  # refreshes at steps 2, 4, 6, 8
+    assert result.returncode == 0, result.stderr[-3000:]  # a clean exit, no retry
+    assert [int(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)] == [4, 4]  # refreshes at steps 2, 4, 6, 8
 
 
-def test_train_demo_cli(capsys):
-    code = main(["train", "--demo", "--epochs", "3"])
-    out = capsys.readouterr().out
-    assert code == 0
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "test accuracy" not in line]
-    assert len(rows) == 9 and rows[0].startswith("| dense")
-    assert all(float(row.split("|")[2]) > 0.5 for row in rows)  # every run learns
-    assert rows[0].split("|")[3].strip() == "-" and all(r.split("|")[3].strip() != "-" for r in rows[1:])
+def test_train_cli_needs_demo_and_sane_epochs(capsys):
+    # The full demo runs in tests/test_readme.py, against the README's table.
     assert main(["train"]) == 1
     assert "only --demo is available" in capsys.readouterr().err
+    assert main(["train", "--demo", "--epochs", "0"]) == 1
+    assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
 
 
 @requires_cuda

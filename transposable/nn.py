@@ -82,9 +82,20 @@ class _MaskedWeight(torch.autograd.Function):
 
 
 class SemiStructuredGEMMs:
-    """The forward and input-gradient GEMMs of one linear layer on sparse tensor cores:
-    ``W*S`` and ``(W*S)^T`` compressed with ``torch.sparse.to_sparse_semi_structured``,
-    recompressed whenever the weight or the mask changes."""
+    """The forward and input-gradient GEMMs of one linear layer on sparse tensor cores.
+
+    ``W*S`` and ``(W*S)^T`` are compressed with ``torch.sparse.to_sparse_semi_structured``
+    and recompressed whenever the weight or the mask changes. Needs a CUDA GPU (Ampere or
+    newer); :class:`SparseLinear` uses it where :func:`semi_structured_reason` allows.
+
+    Examples
+    --------
+    >>> import torch
+    >>> if torch.cuda.is_available():  # doctest: +SKIP
+    ...     layer = sparsify(torch.nn.Linear(128, 128).cuda().half(), "2:4")
+    ...     kernels = SemiStructuredGEMMs().update(layer.weight, layer.mask)
+    ...     y = kernels.forward(torch.randn(64, 128, device="cuda", dtype=torch.half))
+    """
 
     def __init__(self):
         self._key = None
@@ -108,8 +119,33 @@ class SemiStructuredGEMMs:
 
 
 def semi_structured_reason(weight, pattern, transposable, training=True):
-    """``None`` if a linear layer can use sparse tensor cores, else why not. Training
-    needs W and W^T both 2:4 (transposable); inference only W."""
+    """Why a linear layer cannot use sparse tensor cores, or None if it can.
+
+    Training needs W and W^T both 2:4 (transposable); inference only W.
+
+    Parameters
+    ----------
+    weight : Tensor, shape (out, in)
+        The layer's weight (its device, dtype and shape matter).
+    pattern : Pattern
+        The layer's N:M pattern.
+    transposable : bool
+        Whether its mask is transposable.
+    training : bool, default True
+        Ask for forward and backward (True) or forward only.
+
+    Returns
+    -------
+    str or None
+        The reason, e.g. ``"not on a CUDA device"``, or None.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transposable.patterns import parse_pattern
+    >>> semi_structured_reason(torch.zeros(64, 64), parse_pattern("2:4"), True)
+    'not on a CUDA device'
+    """
     if not weight.is_cuda:
         return "not on a CUDA device"
     if weight.dtype not in (torch.float16, torch.bfloat16):
@@ -153,7 +189,18 @@ class _SparseLayer:
 
 
 class SparseLinear(_SparseLayer, nn.Linear):
-    """``nn.Linear`` computing with ``W * mask`` (see :func:`sparsify`)."""
+    """``nn.Linear`` computing with ``W * mask`` (see :func:`sparsify`).
+
+    Made by :func:`sparsify`, which swaps the class of an existing layer (same parameters,
+    plus a ``mask`` buffer).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = sparsify(torch.nn.Linear(8, 16), "2:4")
+    >>> type(layer).__name__, isinstance(layer, torch.nn.Linear), tuple(layer.mask.shape)
+    ('SparseLinear', True, (16, 8))
+    """
 
     def forward(self, x):
         decay = self.srste_decay if self.training else 0.0
@@ -181,15 +228,48 @@ class _SparseConv(_SparseLayer):
 
 
 class SparseConv1d(_SparseConv, nn.Conv1d):
-    """``nn.Conv1d`` computing with ``W * mask``."""
+    """``nn.Conv1d`` computing with ``W * mask``.
+
+    Made by :func:`sparsify`, which swaps the class of an existing layer (same parameters,
+    plus a ``mask`` buffer).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = sparsify(torch.nn.Conv1d(8, 16, 3), "2:4")
+    >>> type(layer).__name__, isinstance(layer, torch.nn.Conv1d), tuple(layer.mask.shape)
+    ('SparseConv1d', True, (16, 8, 3))
+    """
 
 
 class SparseConv2d(_SparseConv, nn.Conv2d):
-    """``nn.Conv2d`` computing with ``W * mask``."""
+    """``nn.Conv2d`` computing with ``W * mask``.
+
+    Made by :func:`sparsify`, which swaps the class of an existing layer (same parameters,
+    plus a ``mask`` buffer).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = sparsify(torch.nn.Conv2d(8, 16, 3), "2:4")
+    >>> type(layer).__name__, isinstance(layer, torch.nn.Conv2d), tuple(layer.mask.shape)
+    ('SparseConv2d', True, (16, 8, 3, 3))
+    """
 
 
 class SparseConv3d(_SparseConv, nn.Conv3d):
-    """``nn.Conv3d`` computing with ``W * mask``."""
+    """``nn.Conv3d`` computing with ``W * mask``.
+
+    Made by :func:`sparsify`, which swaps the class of an existing layer (same parameters,
+    plus a ``mask`` buffer).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = sparsify(torch.nn.Conv3d(8, 16, 1), "2:4")
+    >>> type(layer).__name__, isinstance(layer, torch.nn.Conv3d), tuple(layer.mask.shape)
+    ('SparseConv3d', True, (16, 8, 1, 1, 1))
+    """
 
 
 SPARSE_CLASSES = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d,
@@ -213,7 +293,7 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
     gradient : {"srste", "ste"}
         Straight-through gradients, with (SR-STE) or without (STE) the decay of pruned weights.
     srste_decay : float or dict, default 2e-4
-        lambda_W of SR-STE; a dict maps layer names to their own value (others: 2e-4).
+        SR-STE's lambda_W; a dict maps layer names to their own value (others: 2e-4).
     method : str, default "auto"
         Solver of the initial masks (exact by default).
     refresh_every : int, optional
@@ -279,7 +359,25 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
 
 
 def sparse_layers(model):
-    """``(name, layer)`` for every sparse layer of ``model``."""
+    """Every sparse layer of a model, with its name.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model passed through :func:`sparsify`.
+
+    Returns
+    -------
+    list of (str, nn.Module)
+        ``(name, layer)`` in ``model.named_modules()`` order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 6)), "2:4")
+    >>> [name for name, _ in sparse_layers(model)]  # 6 outputs do not tile at 2:4
+    ['0']
+    """
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _SparseLayer)]
 
 
@@ -360,12 +458,50 @@ class MaskRefresher:
         self.steps, self.history = state["steps"], list(state["history"])
 
 
+def end_distributed():
+    """Tear the default process group down while the interpreter can still run its threads.
+
+    Call it at the end of a distributed script, after dropping (``del``) the
+    ``DistributedDataParallel`` or FSDP wrappers, which hold the process group. It waits for
+    every rank (``barrier``), collects reference cycles that may still hold the group, and
+    destroys the group, which joins gloo's worker threads.
+
+    Skipping it can abort a finished job at exit ("terminate called without an active
+    exception", exit code -6): a gloo thread still releasing a finished collective's
+    Python-owned tensors needs the GIL, which an interpreter that is already finalizing no
+    longer grants. Does nothing when no process group is initialized.
+
+    Examples
+    --------
+    >>> end_distributed()  # no process group here: nothing to do
+
+    In a script run by ``torchrun``::
+
+        ddp = DistributedDataParallel(sparsify(model, "2:4"))
+        ...                     # train, refresh masks, save
+        del ddp, optimizer      # they hold the process group
+        end_distributed()
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def export(model, *, compress=False):
-    """Fold every mask into its weight and hand back plain ``nn.Linear`` / ``nn.Conv*d``
-    layers, in place.
+    """Fold every mask into its weight and hand back plain layers, in place.
+
+    Sparse layers become ``nn.Linear`` / ``nn.Conv*d`` again, their weights ``W * mask``.
 
     Parameters
     ----------
+    model : nn.Module
+        A model passed through :func:`sparsify`; changed in place.
     compress : bool, default False
         Also store eligible linear weights (CUDA, float16/bfloat16, 2:4) compressed as
         semi-structured sparse tensors for inference (frozen: ``requires_grad=False``).
@@ -374,6 +510,13 @@ def export(model, *, compress=False):
     -------
     nn.Module
         ``model``, whose ``state_dict`` loads into the original architecture.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = export(sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "2:4"))
+    >>> type(model[0]).__name__, int((model[0].weight != 0).sum())
+    ('Linear', 32)
     """
     for name, layer in sparse_layers(model):
         with torch.no_grad():
