@@ -21,6 +21,23 @@ MAX_M = 5
 
 
 def supports(n, m):
+    """Why the exhaustive method cannot solve ``n:m``, or None if it can (``m <= MAX_M``).
+
+    Parameters
+    ----------
+    n, m : int
+        The pattern.
+
+    Returns
+    -------
+    str or None
+        A sentence naming the limit and the methods to use instead, or None.
+
+    Examples
+    --------
+    >>> supports(2, 4) is None, supports(4, 8).split(";")[0]
+    (True, 'the exhaustive method enumerates tiles up to m=5, got m=8')
+    """
     if m > MAX_M:
         return (f"the exhaustive method enumerates tiles up to m={MAX_M}, got m={m}; "
                 f"use method='cyclecanceling' or 'mincostflow'")

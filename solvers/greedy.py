@@ -35,7 +35,8 @@ def solve(tiles, n, *, rounds=ROUNDS):
 
     Returns
     -------
-    ndarray or Tensor of bool, same shape, kind and device as ``tiles``
+    ndarray or Tensor of bool
+        True where an entry is kept; same shape, kind and device as ``tiles``.
 
     Notes
     -----

@@ -23,7 +23,17 @@ ARCS_PER_CALL = 2**15
 
 
 class MinCostFlowError(RuntimeError):
-    """OR-Tools did not report an optimal flow."""
+    """OR-Tools did not report an optimal flow.
+
+    Re-exported as ``transposable.MinCostFlowError``, so that callers need not import
+    ``solvers`` to catch it.
+
+    Examples
+    --------
+    >>> import transposable
+    >>> transposable.MinCostFlowError is MinCostFlowError
+    True
+    """
 
 
 def solve(tiles, n, *, arcs_per_call=ARCS_PER_CALL):
@@ -41,7 +51,8 @@ def solve(tiles, n, *, arcs_per_call=ARCS_PER_CALL):
 
     Returns
     -------
-    ndarray of bool, same shape as ``tiles``
+    ndarray of bool
+        True where an entry is kept; same shape as ``tiles``.
 
     Raises
     ------

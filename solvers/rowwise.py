@@ -14,6 +14,7 @@ def solve(groups, n):
     Parameters
     ----------
     groups : ndarray or Tensor, shape (G, m)
+        Weights, one group of ``m`` per row.
     n : int
         Entries kept in every group, ``0 < n < m``.
 

@@ -321,16 +321,29 @@ def test_force_replaces_an_existing_output(tmp_path):
 
 # ---- AdaPrune -------------------------------------------------------------------------
 
-def trained_digits_model():
+@pytest.fixture(scope="module")
+def trained_digits():
+    """The digits MLP trained once for this module: (state dict, images, labels)."""
     from transposable.demo import make_model, train
 
     torch.manual_seed(0)
     x, y = load_digits()
-    return train(make_model(), x[:1200], y[:1200], steps=150), x, y
+    return train(make_model(), x[:1200], y[:1200], steps=150).state_dict(), x, y
 
 
-def test_adaprune_lowers_layer_error_against_magnitude_masks():
-    model, x, y = trained_digits_model()
+@pytest.fixture
+def trained_digits_model(trained_digits):
+    """A fresh copy of the trained digits MLP, to be changed by one test."""
+    from transposable.demo import make_model
+
+    state, x, y = trained_digits
+    model = make_model()
+    model.load_state_dict(state)
+    return model, x, y
+
+
+def test_adaprune_lowers_layer_error_against_magnitude_masks(trained_digits_model):
+    model, x, y = trained_digits_model
     calibration = [x[:100]]
     report = []
     adaprune(model, calibration, "2:4", transposable=True, report=report, recalibrate_batchnorm=False)
@@ -343,11 +356,13 @@ def test_adaprune_lowers_layer_error_against_magnitude_masks():
         assert (weight != 0).sum() <= weight.numel() // 2
 
 
-def test_adaprune_beats_magnitude_on_accuracy():
-    from transposable.demo import accuracy
+def test_adaprune_beats_magnitude_on_accuracy(trained_digits):
+    from transposable.demo import accuracy, make_model
 
-    model, x, y = trained_digits_model()
-    magnitude, _, _ = trained_digits_model()
+    state, x, y = trained_digits
+    model, magnitude = make_model(), make_model()
+    model.load_state_dict(state)
+    magnitude.load_state_dict(state)
     with torch.no_grad():
         for name in ("0", "3"):
             layer = magnitude.get_submodule(name)
@@ -385,8 +400,11 @@ def test_adaprune_errors():
 
 
 def test_demo_prints_the_accuracy_table(capsys, tmp_path):
+    from test_readme import printed_table, readme_table
+
     code, out, err = run(capsys, "demo", "--keep", tmp_path)
     assert code == 0, err
+    assert printed_table(out) == readme_table("`transposable demo` trains an MLP")  # the README is true
     rows = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in out.splitlines()
             if line.startswith("| ") and "test accuracy" not in line}
     assert len(rows) == 4

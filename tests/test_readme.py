@@ -18,6 +18,35 @@ def test_quickstart_has_exactly_two_commands():
     assert (REPO / "examples" / "digits_mlp.safetensors").exists()
 
 
+def readme_table(heading):
+    """Rows (lists of cells) of the first Markdown table after the line starting ``heading``."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            break
+    return [row for row in rows[1:] if not set(row[0]) <= {"-"}]  # no header, no rule
+
+
+def printed_table(out):
+    """Rows of the table a command printed."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ")]
+    return [row for row in rows[1:]]
+
+
+def test_readme_training_table_is_what_train_demo_prints(capsys):
+    from transposable.cli import main
+
+    assert main(["train", "--demo"]) == 0
+    captured = capsys.readouterr()
+    assert printed_table(captured.out) == readme_table("`transposable train --demo` trains")
+    assert len(captured.err.splitlines()) == 9  # one line per finished run (stderr is no terminal)
+
+
 def test_ci_runs_the_readme_test_command():
     ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
     assert quickstart_commands()[1] in ci_lines

@@ -27,7 +27,32 @@ DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*norm*", "*ln_*", "*.ln*", "*bi
 
 @dataclass
 class TensorReport:
-    """What happened to one tensor."""
+    """What happened to one tensor of a conversion.
+
+    Parameters
+    ----------
+    name : str
+        The tensor's name in the checkpoint.
+    shape : list of int
+        Its shape.
+    dtype : str
+        Its dtype (``"float32"``, ``"bf16"``...).
+    status : str
+        ``"converted"``, ``"skipped: <why>"`` or ``"left dense: <why>"``.
+    density : float, optional
+        Fraction of non-zeros before conversion (converted tensors).
+    kept_l1 : float, optional
+        Kept ``|w|`` over total ``|w|``.
+    nonzeros_kept : float, optional
+        Fraction of the original non-zeros that the mask keeps.
+    seconds : float, optional
+        Time spent solving the mask.
+
+    Examples
+    --------
+    >>> TensorReport("fc.bias", [8], "float32", "skipped: 1-D").status
+    'skipped: 1-D'
+    """
 
     name: str
     shape: list
@@ -41,7 +66,29 @@ class TensorReport:
 
 @dataclass
 class ConversionReport:
-    """Per-tensor results and a summary of one conversion."""
+    """Per-tensor results and a summary of one conversion (see :func:`convert_checkpoint`).
+
+    Parameters
+    ----------
+    input, output : str
+        The checkpoint read and the one written.
+    pattern : str
+        ``"2:4"`` etc.
+    transposable : bool
+        Whether masks are transposable.
+    method : str
+        The resolved solver (``"rowwise"`` for row-wise masks).
+    version : str, optional
+        The library's version.
+    tensors : list of TensorReport, optional
+        One entry per tensor, in file order.
+
+    Examples
+    --------
+    >>> report = ConversionReport("a.pt", "b.pt", "2:4", False, "rowwise")
+    >>> report.summary()["converted"], report.version == __version__
+    (0, True)
+    """
 
     input: str
     output: str
@@ -52,6 +99,7 @@ class ConversionReport:
     tensors: list = field(default_factory=list)
 
     def summary(self):
+        """Counts, converted weights, their weighted kept L1 and solving seconds (a dict)."""
         converted = [t for t in self.tensors if t.status == "converted"]
         weights = sum(math.prod(t.shape) for t in converted)
         return {
@@ -65,6 +113,7 @@ class ConversionReport:
         }
 
     def to_json(self):
+        """The report and its summary as indented JSON text."""
         return json.dumps({**asdict(self), "summary": self.summary()}, indent=2)
 
 
@@ -106,6 +155,7 @@ def convert_checkpoint(source, output, pattern, *, transposable=False, method="a
     Returns
     -------
     ConversionReport
+        What happened to every tensor, and a summary.
 
     Raises
     ------
@@ -164,6 +214,37 @@ class Converter:
     ``begin(total)`` once, then per tensor ``wants(name, shape, dtype, is_float)``: True
     to have it converted by ``converter(name, tensor)``, False (reported as skipped) to
     have it copied as it is.
+
+    Parameters
+    ----------
+    pattern : Pattern
+        The N:M pattern.
+    transposable : bool
+        Transposable masks.
+    method : str
+        The resolved solver.
+    pad : bool
+        Pad weights that do not tile (else they are left dense and reported).
+    include, exclude : tuple of str
+        Glob rules, as in :func:`select`.
+    report : ConversionReport
+        Where entries are appended.
+    progress : bool
+        Show a progress bar.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transposable.patterns import parse_pattern
+    >>> report = ConversionReport("in", "out", "2:4", False, "rowwise")
+    >>> converter = Converter(parse_pattern("2:4"), False, "rowwise", False, (), DEFAULT_EXCLUDE, report, False)
+    >>> converter.begin(2)
+    >>> converter.wants("fc.bias", (4,), "float32", True)
+    False
+    >>> converter("fc.weight", torch.tensor([[1.0, 2, 3, 4]])).tolist()
+    [[0.0, 0.0, 3.0, 4.0]]
+    >>> converter.close(); [t.status for t in report.tensors]
+    ['skipped: 1-D', 'converted']
     """
 
     def __init__(self, pattern, transposable, method, pad, include, exclude, report, progress):
@@ -172,19 +253,27 @@ class Converter:
         self.bar = None
 
     def begin(self, total):
-        from tqdm import tqdm
+        """Start the progress bar over ``total`` tensors (if ``progress``)."""
+        if self.progress:
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="tensor", disable=not self.progress, leave=False)
+            self.bar = tqdm(total=total, unit="tensor", leave=False)
 
     def close(self):
+        """Close the progress bar."""
         if self.bar is not None:
             self.bar.close()
 
+    def _done(self):
+        if self.bar is not None:
+            self.bar.update()
+
     def wants(self, name, shape, dtype, is_float):
+        """Whether to convert this tensor; if not, it is reported as skipped."""
         reason = select(name, shape, is_float, self.include, self.exclude)
         if reason is not None:
             self.report.tensors.append(TensorReport(name, list(shape), dtype, f"skipped: {reason}"))
-            self.bar.update()
+            self._done()
         return reason is None
 
     def __call__(self, name, tensor):
@@ -196,7 +285,7 @@ class Converter:
             kept = mask(tensor, self.pattern, transposable=self.transposable, method=self.method, pad=self.pad)
         except TilingError as exc:
             self.report.tensors.append(TensorReport(name, shape, dtype, f"left dense: {exc.reason}"))
-            self.bar.update()
+            self._done()
             return tensor
         except ValueError as exc:
             raise ValueError(f"tensor {name!r}: {exc}") from exc
@@ -207,13 +296,41 @@ class Converter:
             name, shape, dtype, "converted", density=nonzeros / tensor.numel(),
             kept_l1=kept_fraction(tensor, kept),
             nonzeros_kept=int((nonzero & kept).sum()) / nonzeros if nonzeros else 1.0, seconds=seconds))
-        self.bar.update()
+        self._done()
         return torch.where(kept, tensor, torch.zeros((), dtype=tensor.dtype))  # +0.0, never -0.0
 
 
 def select(name, shape, is_float, include, exclude):
-    """``None`` if the tensor is to be converted, else why not. A name matched by
-    ``include`` is exempt from the default exclusions (not from the caller's)."""
+    """Why a tensor is not to be converted, or None if it is.
+
+    A name matched by ``include`` is exempt from the default exclusions (not from the
+    caller's).
+
+    Parameters
+    ----------
+    name : str
+        The tensor's name.
+    shape : sequence of int
+        Its shape (fewer than 2 dimensions or no elements: not converted).
+    is_float : bool
+        Whether its dtype is floating point.
+    include : sequence of str
+        If given, only names matching one of these globs are converted.
+    exclude : sequence of str
+        Names matching one of these globs are not converted.
+
+    Returns
+    -------
+    str or None
+        The reason, e.g. ``"excluded by *norm*"``, or None.
+
+    Examples
+    --------
+    >>> select("layers.0.norm.weight", (64, 64), True, (), DEFAULT_EXCLUDE)
+    'excluded by *norm*'
+    >>> select("layers.0.mlp.weight", (64, 64), True, (), DEFAULT_EXCLUDE) is None
+    True
+    """
     included = any(fnmatch.fnmatchcase(name, glob) for glob in include)
     if include and not included:
         return "not included"

@@ -48,17 +48,26 @@ _LOG10_E = math.log10(math.e)
 
 @dataclass(frozen=True)
 class MaskDiversity:
-    """The number of masks a structure allows over a tensor.
+    """The number of masks a structure allows over a tensor (made by :func:`mask_diversity`).
 
-    Attributes
+    Parameters
     ----------
     structure : str
+        One of ``STRUCTURES``.
     log10 : float
-        log10 of the count (exact up to float rounding), or of the estimate or
-        approximation that ``source`` names.
+        The count's log10 (exact up to float rounding), or that of the estimate or
+        approximation ``source`` names.
     source : str
         ``"exact"``, ``"canfield-mckay"`` (transposable, large m) or ``"hubara2021"`` (the
         paper's closed form); see ``SOURCES``.
+    _exact : callable or None
+        Gives the exact integer on demand; None where there is none.
+
+    Examples
+    --------
+    >>> md = mask_diversity("rowwise", (4, 8), "2:4")
+    >>> md.exact(), round(md.log10, 3), md.source
+    (1679616, 6.225, 'exact')
     """
 
     structure: str
@@ -274,12 +283,27 @@ def _digits(number, base, count):
 
 
 def transposable_tile_log10(n, m):
-    """log10 of the transposable tile count: exact where computable, else estimated.
+    """Log10 of the transposable tile count: exact where computable, else estimated.
 
     The estimate is the Canfield-McKay asymptotic formula for dense 0/1 matrices with
     equal line sums, ``C(m, n)**(2m) / C(m*m, n*m) * exp(-1/2)`` (Canfield and McKay,
     2005), in log10. Against the exact count it is within 0.5 % in log10 from m = 8 on at
     50 % density (see ``tests/test_diversity.py``), and improves with m.
+
+    Parameters
+    ----------
+    n, m : int
+        Kept per row and column, and the tile size.
+
+    Returns
+    -------
+    float
+        The log10 of the number of m x m 0/1 matrices with ``n`` ones per row and column.
+
+    Examples
+    --------
+    >>> round(10 ** transposable_tile_log10(2, 4))
+    90
     """
     n, m = parse_pattern(n, m)
     if _tile_count_is_exact(n, m):
@@ -288,7 +312,7 @@ def transposable_tile_log10(n, m):
 
 
 def transposable_tile_paper_log10(n, m):
-    """log10 of Hubara et al.'s closed-form approximation for one transposable tile.
+    """Log10 of Hubara et al.'s closed-form approximation for one transposable tile.
 
     The paper (Section 3) counts N:M by zeros; with ``z = m - n`` zeros per row and column
     it approximates the count by ``m! (m-1)! ... (m-z+1)!``. This is a formula, not a
@@ -302,6 +326,7 @@ def transposable_tile_paper_log10(n, m):
     Returns
     -------
     float
+        The log10 of ``m! (m-1)! ... (m-z+1)!``.
 
     References
     ----------
@@ -335,7 +360,8 @@ def diversity_table(shape, density):
 
     Returns
     -------
-    list of (label, MaskDiversity)
+    list of (str, MaskDiversity)
+        Labels such as ``"4:8 transposable"`` and their diversity, in the order above.
 
     Examples
     --------

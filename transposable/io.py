@@ -26,6 +26,7 @@ def check_readable(path):
     Parameters
     ----------
     path : str or Path
+        An input file.
 
     Raises
     ------
@@ -48,7 +49,23 @@ def check_readable(path):
 
 
 def first_line(exc):
-    """The first line of an exception's message (its type name if it has none)."""
+    r"""The first line of an exception's message (its type name if it has none).
+
+    Parameters
+    ----------
+    exc : BaseException
+        Any exception.
+
+    Returns
+    -------
+    str
+        One line, for one-line error messages.
+
+    Examples
+    --------
+    >>> first_line(RuntimeError("enforce fail\n  at inline_container.cc")), first_line(KeyError())
+    ('enforce fail', 'KeyError')
+    """
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
 
@@ -59,6 +76,7 @@ def check_outputs(outputs, *, inputs=(), force=False):
     Parameters
     ----------
     outputs : sequence of str or Path
+        The files about to be written.
     inputs : sequence of str or Path
         Files the work reads; none of them may be an output.
     force : bool, default False
@@ -105,16 +123,22 @@ def check_outputs(outputs, *, inputs=(), force=False):
 
 @contextlib.contextmanager
 def atomic_outputs(paths, *, force=False):
-    """Yield ``{Path(path): temporary path}``; move every temporary onto its path only when the
-    ``with`` block succeeds, all or nothing.
+    """Write several files all or nothing: temporaries first, moved into place on success.
 
     Parameters
     ----------
     paths : sequence of str or Path
+        The files to write.
     force : bool, default False
         Replace existing files. Without it, a target that exists when the block ends (made
         by another run meanwhile) is never replaced: the outputs already moved into place by
         this call are removed again and ``FileExistsError`` is raised.
+
+    Yields
+    ------
+    dict of Path to str
+        ``{Path(path): temporary path}``: write each file to its temporary; every one is
+        moved onto its path when the ``with`` block ends without an exception.
 
     Raises
     ------
@@ -159,7 +183,19 @@ def atomic_outputs(paths, *, force=False):
 
 @contextlib.contextmanager
 def atomic_output(path, *, force=False):
-    """:func:`atomic_outputs` for one file: yields its temporary path.
+    """:func:`atomic_outputs` for one file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write.
+    force : bool, default False
+        Replace an existing file.
+
+    Yields
+    ------
+    str
+        The temporary path to write; it becomes ``path`` when the block succeeds.
 
     Examples
     --------

@@ -19,6 +19,17 @@ PAD_HINT = "pass pad=True (--pad) to pad it with zeros, solve, and crop the mask
 class TilingError(ValueError):
     """A weight dimension that must be a multiple of M is not.
 
+    Parameters
+    ----------
+    axis : int
+        0 (``out``) or 1 (``in``).
+    size : int
+        The dimension's size.
+    m : int
+        The group or tile size it must be a multiple of.
+    hint : str, optional
+        Advice appended to the message (how to proceed).
+
     Attributes
     ----------
     axis : int
@@ -29,6 +40,12 @@ class TilingError(ValueError):
         The group or tile size it must be a multiple of.
     reason : str
         The message without the advice, e.g. for reports.
+
+    Examples
+    --------
+    >>> error = TilingError(0, 10, 4)
+    >>> isinstance(error, ValueError), error.reason
+    (True, "weight dimension 'out' (axis 0) has size 10, not a multiple of m=4")
     """
 
     def __init__(self, axis, size, m, hint=PAD_HINT):
@@ -59,6 +76,7 @@ def tiling_error(shape, m, *, transposable, hint=PAD_HINT):
     Returns
     -------
     TilingError or None
+        The error to raise (not raised here), or None if the shape tiles.
 
     Examples
     --------
@@ -93,6 +111,15 @@ class Layout:
     ------
     TilingError
         If a cut dimension is not a multiple of ``m`` and ``pad`` is False.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> layout = Layout((8, 12), 4, transposable=True, pad=False)
+    >>> layout.blocks(np.zeros((8, 12))).shape  # a tile grid: tile (a, b) is grid[a, :, b, :]
+    (2, 4, 3, 4)
+    >>> Layout((6, 12), 4, transposable=True, pad=True).padded
+    (8, 12)
     """
 
     def __init__(self, shape, m, *, transposable, pad):

@@ -50,8 +50,8 @@ def mask(weight, pattern, *, transposable, method="auto", pad=False):
 
     Returns
     -------
-    mask : ndarray or Tensor of bool, same shape as ``weight``
-        Same container and device as ``weight``.
+    ndarray or Tensor of bool
+        True where a weight is kept; the shape, container and device of ``weight``.
 
     Raises
     ------
@@ -68,7 +68,9 @@ def mask(weight, pattern, *, transposable, method="auto", pad=False):
 
     See Also
     --------
-    nm_mask, transposable_mask, is_nm_sparse, is_transposable_nm
+    nm_mask : This function with ``transposable=False``.
+    transposable_mask : This function with ``transposable=True``.
+    is_nm_sparse, is_transposable_nm : Check a mask.
 
     Notes
     -----
@@ -142,8 +144,8 @@ def nm_mask(weight, n, m=None, *, pad=False):
 
     Returns
     -------
-    mask : ndarray or Tensor of bool, same shape as ``weight``
-        Same container and device as ``weight``.
+    ndarray or Tensor of bool
+        True where a weight is kept; the shape, container and device of ``weight``.
 
     Raises
     ------
@@ -152,7 +154,8 @@ def nm_mask(weight, n, m=None, *, pad=False):
 
     See Also
     --------
-    mask, transposable_mask
+    mask : The one entry point, row-wise or transposable.
+    transposable_mask : Transposable N:M masks.
 
     Examples
     --------
@@ -187,8 +190,8 @@ def transposable_mask(weight, n, m=None, *, method="auto", pad=False):
 
     Returns
     -------
-    mask : ndarray or Tensor of bool, same shape as ``weight``
-        Same container and device as ``weight``.
+    ndarray or Tensor of bool
+        True where a weight is kept; the shape, container and device of ``weight``.
 
     Raises
     ------
@@ -197,7 +200,8 @@ def transposable_mask(weight, n, m=None, *, method="auto", pad=False):
 
     See Also
     --------
-    mask, nm_mask
+    mask : The one entry point, row-wise or transposable.
+    nm_mask : Row-wise N:M masks.
 
     Examples
     --------
@@ -220,12 +224,14 @@ def resolve_method(method, pattern, *, transposable=True):
     method : str
         A name from :data:`METHODS`, any case.
     pattern : Pattern
+        The pattern to be solved (``"exhaustive"`` handles m <= 5 only).
     transposable : bool, default True
         Row-wise masks have one method: ``"auto"`` resolves to ``"rowwise"``.
 
     Returns
     -------
     str
+        An engine name of ``solvers.TRANSPOSABLE``, or ``"rowwise"``.
 
     Raises
     ------
@@ -260,14 +266,16 @@ def resolve_method(method, pattern, *, transposable=True):
 
 
 def is_nm_sparse(x, n, m=None, *, axis=1):
-    """Whether every group of ``m`` consecutive entries along ``axis`` has at most ``n``
-    non-zeros.
+    """Whether every group of ``m`` consecutive entries along ``axis`` keeps at most ``n``.
 
     Parameters
     ----------
     x : ndarray or Tensor
-        A mask (True = kept) or a sparse weight (non-zero = kept).
-    n, m : pattern, as in :func:`nm_mask`.
+        A mask (True = kept) or a sparse weight (non-zero = kept), at least 2-D.
+    n : str, int or tuple
+        The pattern, as in :func:`nm_mask`.
+    m : int, optional
+        Group size when ``n`` is an integer.
     axis : int, default 1
         ``1`` checks ``in`` (what the forward GEMM needs), ``0`` checks ``out`` (what the
         backward GEMM to the input needs). A trailing partial group counts too.
@@ -275,6 +283,12 @@ def is_nm_sparse(x, n, m=None, *, axis=1):
     Returns
     -------
     bool
+        True if no group keeps more than ``n``.
+
+    Raises
+    ------
+    ValueError
+        If ``x`` has fewer than 2 dimensions or ``axis`` is out of range.
 
     Examples
     --------
@@ -302,6 +316,20 @@ def is_transposable_nm(x, n, m=None):
     That is, every row and every column of every ``m x m`` tile over ``(out, in)`` (per
     kernel tap) has at most ``n`` non-zeros.
 
+    Parameters
+    ----------
+    x : ndarray or Tensor
+        A mask or a sparse weight, at least 2-D.
+    n : str, int or tuple
+        The pattern, as in :func:`nm_mask`.
+    m : int, optional
+        Tile size when ``n`` is an integer.
+
+    Returns
+    -------
+    bool
+        True if both ``x`` and its transpose are N:M.
+
     Examples
     --------
     >>> import numpy as np
@@ -313,6 +341,18 @@ def is_transposable_nm(x, n, m=None):
 
 def kept_fraction(weight, mask):
     """Kept magnitude ``sum |w * mask| / sum |w|`` (1.0 for an all-zero weight).
+
+    Parameters
+    ----------
+    weight : ndarray or Tensor
+        The weights (any shape).
+    mask : ndarray or Tensor
+        Of ``weight``'s shape; True (non-zero) where kept.
+
+    Returns
+    -------
+    float
+        In [0, 1]; computed relative to ``max |w|``, so it never overflows.
 
     Examples
     --------
@@ -327,6 +367,20 @@ def kept_fraction(weight, mask):
 
 def ratio_to_optimum(weight, mask, optimal_mask):
     """Kept magnitude of ``mask`` over that of ``optimal_mask`` (1.0 = optimal).
+
+    Parameters
+    ----------
+    weight : ndarray or Tensor
+        The weights (any shape).
+    mask : ndarray or Tensor
+        The mask to rate, of ``weight``'s shape.
+    optimal_mask : ndarray or Tensor
+        The reference, usually an exact method's mask.
+
+    Returns
+    -------
+    float
+        1.0 when both keep the same magnitude (or ``optimal_mask`` keeps none).
 
     Examples
     --------

@@ -8,6 +8,19 @@ class Pattern(NamedTuple):
 
     Hubara et al. write N:M with N the number of *zeros*; at 50 % (2:4, 4:8, ...) the two
     conventions name the same pattern.
+
+    Parameters
+    ----------
+    n : int
+        Weights kept per group, ``0 < n < m``.
+    m : int
+        Group (and tile) size.
+
+    Examples
+    --------
+    >>> p = Pattern(2, 4)
+    >>> str(p), p.density
+    ('2:4', 0.5)
     """
 
     n: int
@@ -35,6 +48,7 @@ def parse_pattern(n, m=None):
     Returns
     -------
     Pattern
+        The validated ``(n, m)``.
 
     Raises
     ------

@@ -40,6 +40,7 @@ def format_of(path):
     Parameters
     ----------
     path : str or Path
+        Judged by its name alone (the file need not exist).
 
     Returns
     -------
@@ -64,8 +65,21 @@ def format_of(path):
 
 
 def mask_metadata(pattern, transposable, method):
-    """The metadata every output of the library records, as strings (one schema for
-    ``solve``, ``convert`` and ``prune``).
+    """The metadata every output of the library records (one schema for all commands).
+
+    Parameters
+    ----------
+    pattern : str or Pattern
+        The N:M pattern.
+    transposable : bool
+        Whether the masks are transposable.
+    method : str
+        The resolved solver name (``"rowwise"`` for row-wise masks).
+
+    Returns
+    -------
+    dict of str to str
+        ``transposable.pattern``, ``.transposable``, ``.method`` and ``.version``.
 
     Examples
     --------
@@ -84,6 +98,7 @@ def read_tensor(path, key=None):
     Parameters
     ----------
     path : str or Path
+        A file of a registered format.
     key : str, optional
         The tensor's name (nested dict keys joined with dots); needed when the file holds
         more than one, refused for ``.npy``.
@@ -91,6 +106,7 @@ def read_tensor(path, key=None):
     Returns
     -------
     tensor : ndarray (``.npy``) or Tensor
+        The tensor, on the CPU.
     name : str or None
         The name that was read (None for a bare tensor or a ``.npy`` array).
 
@@ -121,6 +137,7 @@ def write_tensors(path, tensors, *, metadata=None, force=False):
     path : str or Path
         ``.npy`` (exactly one tensor), ``.pt``/``.pth``/``.bin`` or ``.safetensors``.
     tensors : dict of str to ndarray or Tensor
+        Names and values.
     metadata : dict of str to str, optional
         Kept where the format keeps metadata (safetensors header, state dict ``_metadata``).
     force : bool, default False

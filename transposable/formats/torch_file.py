@@ -45,7 +45,7 @@ def load(path):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        found = re.search(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(exc))  # torch >= 2.4, older
         what = f" (found {found.group(1)})" if found else ""
         raise ValueError(f"'{path}' holds Python objects other than tensors{what}, refused: loading with "
                          f"weights_only=True never runs code from a file; save tensors only (a state dict or "
