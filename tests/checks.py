@@ -1,4 +1,5 @@
 """The one mask checker every test uses, and exact references independent of the library."""
+import functools
 import itertools
 
 import networkx as nx
@@ -26,32 +27,30 @@ def assert_valid_tiles(tiles, n):
     assert_valid_mask(tiles.transpose(1, 0, 2).reshape(m, k * m), n, m, transposable=True)
 
 
-def brute_force_best(tile, n):
-    """Largest kept sum of |tile| over all n-regular masks, by full enumeration of every
-    combination of row choices (independent of ``solvers.exhaustive``)."""
-    m = tile.shape[0]
-    weights = np.abs(tile)
-    best = -np.inf
+@functools.lru_cache(maxsize=None)
+def regular_masks(n, m):
+    """Every m x m 0/1 matrix with n ones per row and column, by full enumeration of every
+    combination of row choices (independent of ``solvers.exhaustive``), as (P, m, m) bool."""
     choices = list(itertools.combinations(range(m), n))
+    found = []
     for rows in itertools.product(choices, repeat=m):
-        cols = np.zeros(m, int)
-        for chosen in rows:
-            cols[list(chosen)] += 1
-        if (cols == n).all():
-            best = max(best, sum(weights[i, list(c)].sum() for i, c in enumerate(rows)))
-    return best
+        mask = np.zeros((m, m), bool)
+        for i, chosen in enumerate(rows):
+            mask[i, list(chosen)] = True
+        if (mask.sum(axis=0) == n).all():
+            found.append(mask)
+    return np.array(found)
+
+
+def brute_force_best(tile, n):
+    """Largest kept sum of |tile| over all n-regular masks (see :func:`regular_masks`)."""
+    masks = regular_masks(n, tile.shape[0])
+    return float((np.abs(tile)[None] * masks).sum(axis=(1, 2)).max())
 
 
 def count_regular_masks(n, m):
     """Number of m x m 0/1 matrices with n ones per row and column, by enumeration."""
-    choices = list(itertools.combinations(range(m), n))
-    total = 0
-    for rows in itertools.product(choices, repeat=m):
-        cols = np.zeros(m, int)
-        for chosen in rows:
-            cols[list(chosen)] += 1
-        total += (cols == n).all()
-    return total
+    return len(regular_masks(n, m))
 
 
 def networkx_best(tile, n):
