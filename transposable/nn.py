@@ -428,12 +428,15 @@ class MaskRefresher:
         record = {"step": self.steps, "layers": {}}
         with torch.no_grad():
             for name, layer in layers if layers is not None else self.layers:
-                new = layer.solve_mask(layer.refresh_method if layer.transposable else "auto")
+                old = layer.mask.clone()
+                layer.mask.copy_(layer.solve_mask(layer.refresh_method if layer.transposable else "auto"))
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.broadcast(new, src=0)  # every rank keeps rank 0's masks
-                flips = int((new != layer.mask).sum())
+                    # Every rank keeps rank 0's masks. Broadcast into the buffer the layer keeps
+                    # alive, not into a temporary: gloo may release a finished work item after
+                    # Python is done with its tensors, and then must not own their last reference.
+                    torch.distributed.broadcast(layer.mask, src=0)
+                flips = int((old != layer.mask).sum())
                 record["layers"][name] = {"flips": flips, "fraction": flips / layer.mask.numel()}
-                layer.mask.copy_(new)
         flips = sum(v["flips"] for v in record["layers"].values())
         size = sum(layer.mask.numel() for name, layer in self.layers if name in record["layers"])
         record["total"] = {"flips": flips, "fraction": flips / size}
