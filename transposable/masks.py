@@ -111,18 +111,21 @@ def mask(weight, pattern, *, transposable, method="auto", pad=False):
         return layout.unblock(solvers.rowwise.solve(layout.blocks(data), pattern.n))
     engine = solvers.TRANSPOSABLE[name]
     edge_engine = engine if engine.supports(pattern.n, pattern.m + pattern.n) is None else solvers.cyclecanceling
+
+    def solve(data):
+        return layout.unblock(layout.solve_grid(engine, layout.blocks(data), pattern.n, edge_engine))
+
     if not is_torch(weight):
-        return layout.unblock(layout.solve_grid(engine, layout.blocks(weight), pattern.n, edge_engine))
+        return solve(weight)
     data = weight.detach()
     if engine.ACCEPTS_TORCH and data.device.type != "cpu":
-        return layout.unblock(layout.solve_grid(engine, layout.blocks(data), pattern.n, edge_engine))
+        return solve(data)
     # CPU tensors take the compiled NumPy path (faster than torch there); a tensor on an
     # accelerator goes to the host only for engines that cannot run on it.
-    host = data.to("cpu", dtype=_host_dtype(data)).numpy()
-    result = layout.unblock(layout.solve_grid(engine, layout.blocks(host), pattern.n, edge_engine))
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(result)).to(weight.device)
+    return torch.from_numpy(np.ascontiguousarray(solve(data.to("cpu", dtype=_host_dtype(data)).numpy()))).to(
+        weight.device)
 
 
 def nm_mask(weight, n, m=None, *, pad=False):
