@@ -283,3 +283,27 @@ def test_checker_errors():
         tp.is_nm_sparse(np.ones(4), "2:4")
     with pytest.raises(ValueError, match=r"axis 2 is out of range"):
         tp.is_nm_sparse(np.ones((4, 4)), "2:4", axis=2)
+
+
+# ---- importance scores ----------------------------------------------------------------
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_scores_replace_the_magnitudes(transposable, rng):
+    weight = rng.standard_normal((16, 32))
+    importance = np.abs(rng.standard_normal((16, 32))) * np.linspace(0.1, 10, 32)  # e.g. Wanda's |W| ||X_j||
+    got = tp.mask(weight, "2:4", transposable=transposable, scores=importance)
+    assert (got == tp.mask(importance, "2:4", transposable=transposable)).all()
+    assert not (got == tp.mask(weight, "2:4", transposable=transposable)).all()  # not |W| after all
+    as_torch = tp.mask(torch.tensor(weight), "2:4", transposable=transposable, scores=importance)
+    assert isinstance(as_torch, torch.Tensor) and (as_torch.numpy() == got).all()  # converted to the weight's kind
+
+
+@pytest.mark.parametrize("scores,error,match", [
+    (np.ones((4, 4)), ValueError, r"scores must have the weight's shape \(8, 8\), got \(4, 4\)"),
+    (np.full((8, 8), -1.0), ValueError, r"scores must be non-negative .* minimum of -1"),
+    (np.full((8, 8), np.nan), ValueError, r"scores holds 64 NaN or Inf value\(s\)"),
+    (np.ones((8, 8), dtype=int), TypeError, r"scores must have a float dtype"),
+])
+def test_bad_scores(scores, error, match):
+    with pytest.raises(error, match=match):
+        tp.mask(np.ones((8, 8)), "2:4", transposable=True, scores=scores)

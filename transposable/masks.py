@@ -21,7 +21,7 @@ METHODS = ("auto", *sorted(solvers.TRANSPOSABLE))
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def mask(weight, pattern, *, transposable, method="auto", pad=False):
+def mask(weight, pattern, *, transposable, method="auto", pad=False, scores=None):
     """The best N:M mask of a weight: row-wise, or transposable.
 
     The library's one mask entry point; :func:`nm_mask` and :func:`transposable_mask` are
@@ -30,9 +30,8 @@ def mask(weight, pattern, *, transposable, method="auto", pad=False):
     Parameters
     ----------
     weight : ndarray or Tensor, shape (out, in) or (out, in, *kernel)
-        Float weights (float16, bfloat16, float32 or float64), or importance scores of
-        that shape (the mask keeps the largest ``|x|``). Row-wise groups run along ``in``
-        (axis 1), transposable tiles cover ``(out, in)``, for every kernel tap.
+        Float weights (float16, bfloat16, float32 or float64). Row-wise groups run along
+        ``in`` (axis 1), transposable tiles cover ``(out, in)``, for every kernel tap.
     pattern : str, tuple or Pattern
         ``"2:4"``, ``(2, 4)``: ``n`` kept of every ``m``.
     transposable : bool
@@ -47,6 +46,11 @@ def mask(weight, pattern, *, transposable, method="auto", pad=False):
         Pad the dimensions that are cut (``in``; and ``out`` if transposable) with zeros to
         multiples of ``m``, solve, and crop the mask. Cropped tiles are solved as "at most
         ``n`` per real row and column", so padding never costs a kept slot.
+    scores : ndarray or Tensor, optional
+        Importance of every weight, of ``weight``'s shape, non-negative and finite (e.g.
+        Wanda's ``|W| * ||X_j||`` or SparseGPT's ``W**2 / diag(H^-1)**2``). The mask then
+        keeps the largest total score instead of the largest total ``|w|``; the same
+        solvers, equally exact. NumPy scores for a tensor (or the reverse) are converted.
 
     Returns
     -------
@@ -56,10 +60,12 @@ def mask(weight, pattern, *, transposable, method="auto", pad=False):
     Raises
     ------
     TypeError
-        If ``weight`` is not a float array/tensor or the pattern is not integers.
+        If ``weight`` (or ``scores``) is not a float array/tensor or the pattern is not
+        integers.
     ValueError
         If the pattern breaks ``0 < n < m``, ``method`` is unknown or cannot solve the
-        pattern, ``weight`` has fewer than 2 dimensions, is empty, or holds NaN/Inf.
+        pattern, ``weight`` has fewer than 2 dimensions, is empty, or holds NaN/Inf, or
+        ``scores`` has another shape, holds NaN/Inf or a negative value.
     TilingError
         (a ``ValueError``) If a cut dimension is not a multiple of ``m`` and ``pad`` is
         False.
@@ -101,10 +107,15 @@ def mask(weight, pattern, *, transposable, method="auto", pad=False):
            [0, 1, 0, 0],
            [0, 0, 0, 1],
            [0, 0, 1, 0]])
+    >>> importance = np.array([[1., 9, 1, 1]] * 4)  # keep column 1 wherever allowed
+    >>> bool(mask(w, "1:4", transposable=False, scores=importance)[:, 1].all())
+    True
     """
     pattern = parse_pattern(pattern)
     name = resolve_method(method, pattern, transposable=transposable)
     weight = _check_weight(weight)
+    if scores is not None:
+        weight = _check_scores(scores, weight)
     layout = Layout(weight.shape, pattern.m, transposable=transposable, pad=pad)
     if not transposable:
         data = weight.detach() if is_torch(weight) else weight
@@ -420,6 +431,24 @@ def _check_weight(weight, name="weight"):
         raise ValueError(f"{name} holds {bad} NaN or Inf value(s); replace them first "
                          f"(np.nan_to_num / torch.nan_to_num) or fix the weights")
     return weight
+
+
+def _check_scores(scores, weight):
+    """``scores`` validated, in ``weight``'s container and device: what the mask is solved on."""
+    if is_torch(weight) and not is_torch(scores):
+        import torch
+
+        scores = torch.as_tensor(np.asarray(scores), device=weight.device)
+    elif not is_torch(weight) and is_torch(scores):
+        scores = scores.detach().cpu().numpy()
+    scores = _check_weight(scores, name="scores")
+    if tuple(scores.shape) != tuple(weight.shape):
+        raise ValueError(f"scores must have the weight's shape {tuple(weight.shape)}, got {tuple(scores.shape)}")
+    lowest = float(scores.min())
+    if lowest < 0:
+        raise ValueError(f"scores must be non-negative (the mask keeps the largest total score), got a minimum "
+                         f"of {lowest:g}; pass their absolute values, or shift them")
+    return scores
 
 
 def _all_finite(weight):
