@@ -170,9 +170,32 @@ def _build_parser():
                          help="convert only tensors whose names match (repeatable)")
     convert.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                          help="also leave these tensors alone (repeatable)")
+    convert.add_argument("--in-out", action="append", default=None, metavar="GLOB", dest="in_out",
+                         help="weights stored (in, out), as GPT-2's Conv1D (repeatable); default: GPT-2's when "
+                              "the config.json beside the input says model_type gpt2")
     convert.add_argument("--report", metavar="FILE.json", help="also write the per-tensor report as JSON")
     convert.add_argument("--force", action="store_true", help="replace existing output files")
     convert.set_defaults(run=_convert)
+
+    prune = commands.add_parser(
+        "prune", help="prune a Hugging Face language model with calibration text (SparseGPT, Wanda)",
+        description="Prune the linear layers of a Hugging Face causal language model folder to N:M or "
+                    "transposable N:M, one block at a time, with importance scores from a little calibration "
+                    "text (SparseGPT also reconstructs the kept weights), and write a new folder that "
+                    "from_pretrained loads: the checkpoint with the pruned tensors replaced and every other "
+                    "tensor and file as it was, plus pruning_report.json. Needs transformers "
+                    "(pip install 'transposable[llm]').")
+    prune.add_argument("model", help="model folder: config.json, tokenizer, *.safetensors or pytorch_model.bin")
+    _add_mask_options(prune, METHODS, pad_help=None)
+    prune.add_argument("--score", default="sparsegpt",
+                       help="sparsegpt (default), wanda, magnitude or adaprune")
+    prune.add_argument("--calibration", required=True, metavar="TEXT_FILE", help="UTF-8 text to calibrate on")
+    prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    prune.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    prune.add_argument("--seed", type=int, default=0, help="seed of the windows' starts (default 0)")
+    prune.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the new model folder")
+    prune.add_argument("--force", action="store_true", help="replace an existing output folder")
+    prune.set_defaults(run=_prune)
 
     demo = commands.add_parser(
         "demo", help="train, prune and convert a small model on bundled data (offline)",
@@ -202,7 +225,8 @@ def _add_mask_options(parser, methods, pad_help):
                         help="make every mask's transpose N:M too (M x M tiles)")
     parser.add_argument("--method", default="auto", choices=methods, type=str.lower,
                         help="transposable solver (default: auto, the fastest exact one)")
-    parser.add_argument("--pad", action="store_true", help=pad_help)
+    if pad_help:
+        parser.add_argument("--pad", action="store_true", help=pad_help)
 
 
 def _solve(args):
@@ -294,7 +318,7 @@ def _convert(args):
         raise ValueError(f"--report '{args.report}' must end in .json")
     report = convert_checkpoint(args.input, args.output, args.pattern, transposable=args.transposable,
                                 method=args.method, include=args.include, exclude=args.exclude,
-                                pad=args.pad, force=args.force, progress=sys.stderr.isatty(),
+                                in_out=args.in_out, pad=args.pad, force=args.force, progress=sys.stderr.isatty(),
                                 report_file=args.report)
     print(f"| {'tensor':<40} | {'shape':<16} | {'density':>7} | {'kept L1':>7} | "
           f"{'nz kept':>7} | {'seconds':>7} | status")
@@ -302,7 +326,8 @@ def _convert(args):
     for t in report.tensors:
         numbers = (f"{t.density:7.3f} | {t.kept_l1:7.4f} | {t.nonzeros_kept:7.4f} | {t.seconds:7.3f}"
                    if t.status == "converted" else f"{'-':>7} | {'-':>7} | {'-':>7} | {'-':>7}")
-        print(f"| {t.name:<40} | {'x'.join(map(str, t.shape)):<16} | {numbers} | {t.status}")
+        status = f"{t.status} (stored in x out)" if t.in_out else t.status
+        print(f"| {t.name:<40} | {'x'.join(map(str, t.shape)):<16} | {numbers} | {status}")
     summary = report.summary()
     kept = f"{summary['kept_l1']:.4f}" if summary["kept_l1"] is not None else "-"
     print(f"converted {summary['converted']} of {summary['tensors']} tensors ({summary['converted_weights']} "
@@ -310,6 +335,35 @@ def _convert(args):
           f"{summary['left_dense']} left dense, {summary['skipped']} skipped; kept L1 {kept}; "
           f"{summary['seconds']:.2f} s solving")
     print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+
+
+def _prune(args):
+    from .pretrained import REPORT_NAME, prune_pretrained
+
+    bar = sys.stderr.isatty()
+    report = prune_pretrained(args.model, args.output, args.calibration, args.pattern,
+                              transposable=args.transposable, score=args.score, method=args.method,
+                              samples=args.samples, seqlen=args.seqlen, seed=args.seed, force=args.force,
+                              progress=bar, log_block=None if bar else _progress_line)
+    kinds = {}
+    for layer in report["layers"]:
+        kinds.setdefault(layer["name"].rsplit(".", 1)[-1], []).append(layer)
+    print(f"| {'layer':<12} | {'pruned':>6} | {'kept L1':>7} | {'error, mask only':>16} | {'error':>8} |")
+    print(f"|{'-' * 14}|{'-' * 8}|{'-' * 9}|{'-' * 18}|{'-' * 10}|")
+    for kind, layers in kinds.items():
+        done = [layer for layer in layers if layer["status"] == "pruned"]
+        if not done:
+            print(f"| {kind:<12} | {0:>6} | {'-':>7} | {'-':>16} | {'-':>8} |  {layers[0]['status']}")
+            continue
+        mean = lambda key: sum(layer[key] for layer in done) / len(done)  # noqa: E731
+        print(f"| {kind:<12} | {len(done):>6} | {mean('kept_l1'):7.4f} | {mean('error_masked'):16.4f} | "
+              f"{mean('error'):8.4f} |")
+    summary = report["summary"]
+    print(f"pruned {summary['pruned']} layers ({summary['pruned_weights']} weights) to {report['pattern']}"
+          f"{' transposable' if report['transposable'] else ''} by {report['score']} on {report['samples']} x "
+          f"{report['seqlen']} calibration tokens; {summary['left_dense']} left dense; mean relative output "
+          f"error {summary['mean_error']:.4f} ({summary['mean_error_masked']:.4f} with the masks alone)")
+    print(f"wrote {args.output} (report: {REPORT_NAME})")
 
 
 def _demo(args):

@@ -24,6 +24,11 @@ from .patterns import parse_pattern
 #: Tensors never converted unless ``include`` names them: embeddings, norms, biases.
 DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*norm*", "*ln_*", "*.ln*", "*bias")
 
+#: Model types (``config.json``'s ``model_type``) whose linear layers are GPT-2 style
+#: ``Conv1D``, storing weights ``(in, out)``, and the names of those weights.
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt")
+CONV1D_WEIGHTS = ("*attn.c_attn.weight", "*attn.c_proj.weight", "*mlp.c_fc.weight", "*mlp.c_proj.weight")
+
 
 @dataclass
 class TensorReport:
@@ -47,6 +52,9 @@ class TensorReport:
         Fraction of the original non-zeros that the mask keeps.
     seconds : float, optional
         Time spent solving the mask.
+    in_out : bool, optional
+        Whether the weight is stored ``(in, out)`` (GPT-2 ``Conv1D``): its mask was solved
+        on the transpose, groups along the input features.
 
     Examples
     --------
@@ -62,6 +70,7 @@ class TensorReport:
     kept_l1: float = None  # kept |w| / total |w|
     nonzeros_kept: float = None  # fraction of the original non-zeros still kept
     seconds: float = None
+    in_out: bool = False  # stored (in, out): the mask was solved on the transpose
 
 
 @dataclass
@@ -118,7 +127,7 @@ class ConversionReport:
 
 
 def convert_checkpoint(source, output, pattern, *, transposable=False, method="auto", include=(),
-                       exclude=(), pad=False, force=False, progress=False, report_file=None):
+                       exclude=(), in_out=None, pad=False, force=False, progress=False, report_file=None):
     """Write an N:M (or transposable N:M) copy of a checkpoint.
 
     Parameters
@@ -142,6 +151,11 @@ def convert_checkpoint(source, output, pattern, *, transposable=False, method="a
         dimensions is converted except names matching ``DEFAULT_EXCLUDE`` (embeddings,
         norms, biases); ``include`` limits conversion to matching names, ``exclude`` adds
         to the exclusions.
+    in_out : sequence of str, optional
+        Glob patterns naming weights stored ``(in, out)`` (GPT-2 style ``Conv1D``); their
+        masks are solved on the transpose, so groups run along the input features. Default:
+        ``CONV1D_WEIGHTS`` when the ``config.json`` beside ``source`` says the model type is
+        one of ``CONV1D_MODEL_TYPES``, else none (every weight is ``(out, in)``).
     pad : bool, default False
         Pad weights whose dimensions are not multiples of M; otherwise they are reported and
         left dense.
@@ -196,8 +210,9 @@ def convert_checkpoint(source, output, pattern, *, transposable=False, method="a
     outputs = fmt.output_files(source, output) + ([Path(report_file)] if report_file else [])
     check_outputs(outputs, inputs=fmt.files(source), force=force)  # before any work
     report = ConversionReport(str(source), str(output), str(pattern), transposable, method)
+    in_out = conv1d_weights(source) if in_out is None else tuple(in_out)
     converter = Converter(pattern, transposable, method, pad, tuple(include), DEFAULT_EXCLUDE + tuple(exclude),
-                          report, progress)
+                          report, progress, in_out)
     with atomic_outputs(outputs, force=force) as temporaries:
         try:
             fmt.convert(source, output, temporaries, converter, mask_metadata(pattern, transposable, method))
@@ -231,6 +246,8 @@ class Converter:
         Where entries are appended.
     progress : bool
         Show a progress bar.
+    in_out : tuple of str, optional
+        Globs of weights stored ``(in, out)``, masked through their transpose.
 
     Examples
     --------
@@ -247,9 +264,10 @@ class Converter:
     ['skipped: 1-D', 'converted']
     """
 
-    def __init__(self, pattern, transposable, method, pad, include, exclude, report, progress):
+    def __init__(self, pattern, transposable, method, pad, include, exclude, report, progress, in_out=()):
         self.pattern, self.transposable, self.method, self.pad = pattern, transposable, method, pad
         self.include, self.exclude, self.report, self.progress = include, exclude, report, progress
+        self.in_out = in_out
         self.bar = None
 
     def begin(self, total):
@@ -280,9 +298,12 @@ class Converter:
         import torch
 
         shape, dtype = list(tensor.shape), str(tensor.dtype).replace("torch.", "")
+        in_out = tensor.dim() == 2 and any(fnmatch.fnmatchcase(name, glob) for glob in self.in_out)
         start = time.perf_counter()
         try:
-            kept = mask(tensor, self.pattern, transposable=self.transposable, method=self.method, pad=self.pad)
+            kept = mask(tensor.t() if in_out else tensor, self.pattern, transposable=self.transposable,
+                        method=self.method, pad=self.pad)
+            kept = kept.t() if in_out else kept
         except TilingError as exc:
             self.report.tensors.append(TensorReport(name, shape, dtype, f"left dense: {exc.reason}"))
             self._done()
@@ -295,9 +316,38 @@ class Converter:
         self.report.tensors.append(TensorReport(
             name, shape, dtype, "converted", density=nonzeros / tensor.numel(),
             kept_l1=kept_fraction(tensor, kept),
-            nonzeros_kept=int((nonzero & kept).sum()) / nonzeros if nonzeros else 1.0, seconds=seconds))
+            nonzeros_kept=int((nonzero & kept).sum()) / nonzeros if nonzeros else 1.0, seconds=seconds,
+            in_out=in_out))
         self._done()
         return torch.where(kept, tensor, torch.zeros((), dtype=tensor.dtype))  # +0.0, never -0.0
+
+
+def conv1d_weights(source):
+    """The weights stored ``(in, out)`` in a checkpoint, by its folder's ``config.json``.
+
+    The model type recorded there decides (see ``CONV1D_MODEL_TYPES``).
+
+    Parameters
+    ----------
+    source : str or Path
+        A checkpoint file.
+
+    Returns
+    -------
+    tuple of str
+        ``CONV1D_WEIGHTS`` for a model type in ``CONV1D_MODEL_TYPES`` (GPT-2), else ``()``.
+
+    Examples
+    --------
+    >>> conv1d_weights("/nowhere/model.safetensors")
+    ()
+    """
+    config = Path(source).parent / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    return CONV1D_WEIGHTS if model_type in CONV1D_MODEL_TYPES else ()
 
 
 def select(name, shape, is_float, include, exclude):

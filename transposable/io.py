@@ -114,11 +114,15 @@ def check_outputs(outputs, *, inputs=(), force=False):
         if output.exists() and not force:
             raise FileExistsError(f"output '{output}' exists; pass --force (force=True) to replace it, "
                                   f"or write elsewhere")
-        parent = output.parent
-        if not parent.is_dir():
-            raise FileNotFoundError(f"output directory '{parent}' does not exist; create it first")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise PermissionError(f"output directory '{parent}' is not writable")
+        _check_parent(output)
+
+
+def _check_parent(output):
+    parent = output.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory '{parent}' is not writable")
 
 
 @contextlib.contextmanager
@@ -210,6 +214,78 @@ def atomic_output(path, *, force=False):
         yield temporaries[Path(path)]
 
 
+@contextlib.contextmanager
+def atomic_directory(path, *, force=False):
+    """Write a whole directory all or nothing.
+
+    It is built as a temporary directory beside ``path`` and renamed into place when the
+    ``with`` block succeeds.
+
+    Parameters
+    ----------
+    path : str or Path
+        The directory to create.
+    force : bool, default False
+        Replace an existing directory (it is removed only after the new one is complete).
+
+    Yields
+    ------
+    Path
+        The temporary directory to fill; it becomes ``path`` when the block succeeds.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``force`` is False (checked before the block runs, and again
+        when renaming: a directory made meanwhile is never replaced).
+    FileNotFoundError, PermissionError
+        If ``path``'s parent is missing or not writable.
+    OSError
+        If writing fails for lack of space (named, as in :func:`atomic_outputs`).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> target = Path(tempfile.mkdtemp()) / "pruned-model"
+    >>> with atomic_directory(target) as folder:
+    ...     _ = (folder / "config.json").write_text("{}")
+    >>> sorted(p.name for p in target.iterdir())
+    ['config.json']
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output '{path}' exists and is not a directory")
+    _check_parent(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"output '{path}' exists; pass --force (force=True) to replace it, or write elsewhere")
+    _remove_stale_temporaries(path)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".partial", dir=path.parent))
+    try:
+        yield folder
+        old = None
+        if path.exists() and force:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "replaced")
+        try:
+            os.rename(folder, path)  # fails if a non-empty directory appeared meanwhile
+        except OSError as exc:
+            if old is not None:
+                os.replace(old / "replaced", path)
+            raise FileExistsError(f"output '{path}' appeared while this run was writing it (another run?); it "
+                                  f"was not replaced") from exc
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        cause = _write_failure(exc, {path: str(folder / ".space-probe")} if folder.is_dir() else {})
+        shutil.rmtree(folder, ignore_errors=True)
+        if cause is not None:
+            raise OSError(cause.errno, f"cannot write '{path}': {cause.strerror}") from exc
+        raise
+
+
 def _commit(temporaries, force):
     """fsync, give the usual mode, and move into place; undo this call's moves on failure."""
     placed = []
@@ -275,7 +351,10 @@ def _write_failure(exc, temporaries):
 
 
 def _remove_stale_temporaries(path):
-    """Remove temporaries of ``path`` left by runs on this host that were killed outright."""
+    """Remove temporaries of ``path`` (files or directories) left by runs on this host that
+    were killed outright."""
+    import shutil
+
     prefix = f".{path.name}.{_HOST}."
     with contextlib.suppress(OSError):
         for name in os.listdir(path.parent):
@@ -283,8 +362,12 @@ def _remove_stale_temporaries(path):
                 continue
             pid = name[len(prefix):].split(".", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path.parent / name)
+                stale = path.parent / name
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(stale)
 
 
 def _alive(pid):

@@ -21,6 +21,7 @@ from torch import nn
 from .layout import tiling_error
 from .masks import mask, resolve_method
 from .patterns import parse_pattern
+from .prune import is_conv1d, linear_weight
 
 log = logging.getLogger("transposable")
 
@@ -179,9 +180,11 @@ class _SparseLayer:
         self.register_buffer("mask", self.solve_mask(method), persistent=True)
 
     def solve_mask(self, method):
-        """The best mask of the current weight, on its device."""
+        """The best mask of the current weight, on its device, in the weight's stored layout
+        (solved on its ``(out, in)`` view: groups along the input features)."""
         with torch.no_grad():
-            return mask(self.weight.detach(), self.pattern, transposable=self.transposable, method=method)
+            solved = mask(linear_weight(self).detach(), self.pattern, transposable=self.transposable, method=method)
+            return solved.t() if is_conv1d(self) else solved
 
     def extra_repr(self):
         kind = "transposable" if self.transposable else "row-wise"
@@ -272,15 +275,41 @@ class SparseConv3d(_SparseConv, nn.Conv3d):
     """
 
 
+class _SparseConv1D(_SparseLayer):
+    """What a GPT-2 style ``Conv1D`` (weight stored ``(in, out)``) gets: the linear layer's
+    three GEMMs, written out on the ``(out, in)`` view of ``W * mask``."""
+
+    def forward(self, x):
+        decay = self.srste_decay if self.training else 0.0
+        return _SparseLinearGEMMs.apply(x, self.weight.t(), self.mask.t(), self.bias, decay, None)
+
+
 SPARSE_CLASSES = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d,
                   nn.Conv3d: SparseConv3d}
 DENSE_CLASSES = {sparse: dense for dense, sparse in SPARSE_CLASSES.items()}
+
+
+def _sparse_class(module):
+    """The sparse class for a layer, or None. ``Conv1D`` lives in transformers, so its sparse
+    class is made on first sight (importable as ``transposable.nn.SparseConv1D``)."""
+    base = type(module)
+    if base not in SPARSE_CLASSES and is_conv1d(module):
+        sparse = type("SparseConv1D", (_SparseConv1D, base), {
+            "__module__": __name__,
+            "__doc__": "GPT-2 style ``Conv1D`` computing with ``W * mask`` (see :func:`sparsify`)."})
+        globals()["SparseConv1D"] = sparse
+        SPARSE_CLASSES[base], DENSE_CLASSES[sparse] = sparse, base
+    return SPARSE_CLASSES.get(base)
 
 
 def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay=SRSTE_DECAY, method="auto",
              refresh_every=None, refresh_method="greedy", include=None, exclude=(), skip_first=False,
              skip_last=False):
     """Make a model's linear and conv layers N:M sparse, in place.
+
+    ``nn.Linear``, ``nn.Conv{1,2,3}d`` and GPT-2 style ``Conv1D`` layers (weight stored
+    ``(in, out)``: masks are solved on the ``(out, in)`` view, groups along the input
+    features, and kept in the stored layout).
 
     Parameters
     ----------
@@ -330,7 +359,7 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
         raise ValueError(f"gradient must be 'srste' or 'ste', got {gradient!r}")
     resolve_method(method, pattern, transposable=transposable)
     resolve_method(refresh_method, pattern)
-    candidates = [(name, module) for name, module in model.named_modules() if type(module) in SPARSE_CLASSES]
+    candidates = [(name, module) for name, module in model.named_modules() if _sparse_class(module) is not None]
     if skip_first:
         candidates = candidates[1:]
     if skip_last:
@@ -341,7 +370,7 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
             continue
         if any(fnmatch.fnmatchcase(name, g) for g in exclude):
             continue
-        error = tiling_error(module.weight.shape, pattern.m, transposable=transposable)
+        error = tiling_error(tuple(linear_weight(module).shape), pattern.m, transposable=transposable)
         if error is not None:
             log.warning("%s: weight %s does not tile at %s (%s); left dense", name, tuple(module.weight.shape),
                         pattern, error.reason)
@@ -353,7 +382,7 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
     for name, module in chosen:
         decay = 0.0 if gradient == "ste" else (
             srste_decay.get(name, SRSTE_DECAY) if isinstance(srste_decay, dict) else srste_decay)
-        module.__class__ = SPARSE_CLASSES[type(module)]
+        module.__class__ = _sparse_class(module)
         module._setup_sparse(pattern, transposable, method, decay, every, refresh_method)
     return model
 

@@ -8,6 +8,9 @@ Every format is one module with the same names:
     Whether a path names a file of this format (by its name alone).
 ``files(path) -> list of Path``
     The files ``path`` stands for (a sharded index: the index and its shards).
+``names(path) -> list of str``
+    The tensor names a checkpoint holds, read without loading the tensors where the
+    format allows.
 ``read_tensor(path, key) -> (tensor, name)``
     One tensor, read safely: never by executing code from the file.
 ``write_tensors(path, tensors, metadata)``, or ``None``

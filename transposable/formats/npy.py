@@ -17,6 +17,10 @@ def files(path):
     return [Path(path)]
 
 
+def names(path):
+    return [""]  # one unnamed array
+
+
 def read_tensor(path, key=None):
     """The array in a ``.npy`` file (``allow_pickle=False``), in native byte order.
 

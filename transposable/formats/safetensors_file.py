@@ -113,6 +113,10 @@ def _count(value):
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def names(path):
+    return list(read_header(path)[0])
+
+
 def read_tensor(path, key=None):
     """One tensor of a safetensors file (header validated first)."""
     from safetensors import safe_open

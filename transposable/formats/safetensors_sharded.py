@@ -46,6 +46,10 @@ def files(path):
     return [path, *(path.parent / name for name in shard_names(read_index(path)))]
 
 
+def names(path):
+    return list(read_index(path)["weight_map"])
+
+
 def read_headers(path):
     """``{shard name: (shard path, validated header)}``, checked against the index.
 

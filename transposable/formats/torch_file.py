@@ -54,6 +54,13 @@ def load(path):
         raise ValueError(f"cannot read '{path}' as a PyTorch file: {first_line(exc)}") from exc
 
 
+def names(path):
+    import torch
+
+    obj = load(path)
+    return [""] if isinstance(obj, torch.Tensor) else [name for name, _ in _flatten(obj)] if isinstance(obj, dict) else []
+
+
 def read_tensor(path, key=None):
     """One tensor of a PyTorch file; nested dict keys are joined with dots."""
     import torch

@@ -1,0 +1,655 @@
+"""Calibrated one-shot pruning to N:M or transposable N:M, one block at a time.
+
+The layer-wise recipe of SparseGPT and Wanda, with the library's exact masks: capture the
+inputs of the model's first block on a little calibration data, then for each block in
+turn collect statistics of every prunable layer's inputs, choose each layer's mask from
+importance scores, reconstruct what is kept, and run the pruned block to produce the next
+block's inputs. Only one block's activations are held at a time, and the model is never
+copied, so memory is the model plus one block's worth of calibration activations.
+
+Scores (``score=``):
+
+- ``"magnitude"``: ``|W|``.
+- ``"wanda"``: ``|W_ij| * ||X_j||_2`` (Sun et al., 2024): weights times the norm of their
+  input feature over the calibration tokens; no reconstruction.
+- ``"sparsegpt"``: the optimal-brain-surgeon saliency ``W_ij**2 / [H^-1]_jj**2`` with
+  ``H = X^T X`` (Frantar and Alistarh, 2023), masks chosen M columns at a time on the
+  weights as already updated, every pruned weight's error spread over the columns not yet
+  processed (dampened Cholesky of ``H``).
+- ``"adaprune"``: magnitude masks, then the kept weights and bias fitted with Adam so the
+  layer's outputs match the dense layer's on the same inputs (Hubara et al., 2021).
+
+Transposable masks fit SparseGPT's column order: the M columns processed together form a
+slab of M x M tiles down the rows, whose exact transposable mask is solved on the slab's
+scores (the combination TSENOR plugs into layer-wise pruning; Meng et al., 2025).
+"""
+import fnmatch
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .layout import tiling_error
+from .masks import kept_fraction, mask, resolve_method
+from .patterns import parse_pattern
+
+log = logging.getLogger("transposable")
+
+SCORES = ("sparsegpt", "wanda", "magnitude", "adaprune")
+
+#: Where Hugging Face models keep their repeated blocks, tried in this order.
+BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks",
+               "model.language_model.layers", "encoder.layer", "bert.encoder.layer", "roberta.encoder.layer",
+               "layers")
+
+#: Layer types whose inputs the scores are defined for; convolutions take magnitude and AdaPrune.
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class LayerReport:
+    """What pruning did to one layer.
+
+    Parameters
+    ----------
+    name : str
+        The layer's name in ``model.named_modules()``.
+    shape : list of int
+        Its weight's shape as stored.
+    status : str
+        ``"pruned"``, or ``"left dense: <why>"``.
+    kept_l1 : float, optional
+        Fraction of the original weight's L1 that the mask keeps.
+    error_masked : float, optional
+        Relative output error ``||f(X; W*S) - f(X; W)||^2 / ||f(X; W)||^2`` on the first
+        calibration batch with the mask applied to the original weights.
+    error : float, optional
+        The same after the score's reconstruction (equal to ``error_masked`` for magnitude
+        and Wanda, which change nothing but the mask).
+    seconds : float, optional
+        Time spent choosing the mask and reconstructing.
+
+    Examples
+    --------
+    >>> LayerReport("model.layers.0.mlp.up_proj", [1536, 576], "pruned", 0.7, 0.2, 0.05, 0.3).error
+    0.05
+    """
+
+    name: str
+    shape: list
+    status: str
+    kept_l1: float = None
+    error_masked: float = None
+    error: float = None
+    seconds: float = None
+
+
+def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", method="auto", blocks=None,
+          layers=None, dampening=0.01, steps=200, lr=1e-3, report=None, progress=False, log_block=None):
+    """Prune a trained model's layers to N:M with calibration data, one block at a time.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Changed in place and returned. Its ``nn.Linear`` layers (and subclasses), GPT-2
+        style ``Conv1D`` layers (weight stored ``(in, out)``; groups still run along the
+        input features) and, for ``"magnitude"`` and ``"adaprune"``, ``nn.Conv{1,2,3}d``
+        layers inside its blocks are pruned. Embeddings and layers outside the blocks (e.g.
+        a tied ``lm_head``) are left alone.
+    calibration : iterable
+        Batches of model inputs: a tensor (the first positional input), a tuple/list
+        (positional inputs), or a dict / ``BatchEncoding`` (keyword inputs).
+    pattern : str or tuple
+        ``"2:4"``, ``"16:32"``, ...: N kept of every M along each layer's input features.
+    transposable : bool, default True
+        Transposable masks (M x M tiles over ``(out, in)``) instead of row-wise groups.
+    score : {"sparsegpt", "wanda", "magnitude", "adaprune"}
+        How weights are ranked and what is reconstructed (see the module notes).
+    method : str, default "auto"
+        The transposable solver, as in :func:`transposable.mask` (exact by default).
+    blocks : str, sequence of nn.Module, or None
+        The model's repeated blocks: a submodule name (``"model.layers"``), a
+        ``ModuleList``, or None to find them (Hugging Face decoders and encoders, an
+        ``nn.Sequential``'s children, else the largest list of same-type modules).
+    layers : sequence of str, optional
+        Glob patterns on layer names: prune only those (default: every prunable layer in
+        the blocks). A pattern without wildcards must name a prunable layer that tiles.
+    dampening : float, default 0.01
+        SparseGPT: added to ``H``'s diagonal, as a fraction of its mean.
+    steps : int, default 200
+        AdaPrune: Adam steps per layer.
+    lr : float, default 1e-3
+        AdaPrune: Adam's learning rate.
+    report : list, optional
+        One :class:`LayerReport` per prunable layer is appended.
+    progress : bool, default False
+        Show a progress bar over blocks (stderr).
+    log_block : callable, optional
+        Called with one line of text per finished block.
+
+    Returns
+    -------
+    nn.Module
+        ``model``, with exact zeros where its masks prune.
+
+    Raises
+    ------
+    ValueError
+        For a bad pattern, method or score, empty calibration data, no blocks found, no
+        layer that tiles, a ``layers`` name that is missing, not prunable or does not tile,
+        or a score that a layer type does not support (all before any work).
+
+    See Also
+    --------
+    adaprune : ``score="adaprune"`` with batch-norm recalibration, for small models.
+
+    Notes
+    -----
+    Within a block all layers are pruned from one pass of statistics, as SparseGPT and
+    Wanda do; the next block's inputs come from the pruned block. Per block the cost is two
+    forward passes over the calibration data (statistics, then outputs), plus for SparseGPT
+    ``O(in**2 * out)`` per layer and one ``H = X^T X`` per layer.
+
+    References
+    ----------
+    Frantar and Alistarh, "SparseGPT", ICML 2023. Sun et al., "A Simple and Effective
+    Pruning Approach for Large Language Models" (Wanda), ICLR 2024. Hubara et al.,
+    NeurIPS 2021 (AdaPrune). Meng et al., "TSENOR", NeurIPS 2025.
+
+    Examples
+    --------
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    >>> data = [torch.randn(64, 16)]
+    >>> model = prune(model, data, "2:4", score="sparsegpt")
+    >>> import transposable as tp
+    >>> tp.is_transposable_nm(model[0].weight, "2:4"), tp.is_transposable_nm(model[2].weight, "2:4")
+    (True, True)
+    """
+    pattern = parse_pattern(pattern)
+    method = resolve_method(method, pattern, transposable=transposable)
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose from {list(SCORES)}")
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("calibration holds no batches; pass a list of model inputs (tensors or dicts)")
+    found = find_blocks(model, blocks)
+    targets = _targets(model, found, layers, pattern, transposable, score)
+    chosen = [t for block in targets.values() for t in block]
+    if not any(reason is None for _, _, reason in chosen):
+        example = f" (e.g. {chosen[0][0]}: {chosen[0][2]})" if chosen else ""
+        raise ValueError(f"no layer of the model tiles at {pattern}{' transposable' if transposable else ''}"
+                         f"{example}; choose a smaller M, or other layers=")
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(found), unit="block", leave=False)
+    try:
+        with torch.no_grad(), _no_cache(model):
+            inputs = _first_block_inputs(model, found[0][1], batches)
+            # AdaPrune fits every layer to the dense model's outputs, so that it also corrects
+            # the layers pruned before it: a second stream of activations, no second model.
+            dense = list(inputs) if score == "adaprune" else None
+            for index, (prefix, block) in enumerate(found):
+                start = time.perf_counter()
+                dense_outputs = None
+                if dense is not None:
+                    dense_outputs, dense = _dense_pass(block, targets[prefix], dense)
+                entries = _prune_block(block, targets[prefix], inputs, dense_outputs, pattern, transposable, method,
+                                       score, dampening, steps, lr)
+                if report is not None:
+                    report.extend(entries)
+                for j, (args, kwargs) in enumerate(inputs):  # the next block's inputs, in place
+                    inputs[j] = _with_hidden(args, kwargs, _hidden(block(*args, **kwargs)))
+                if bar is not None:
+                    bar.update()
+                if log_block is not None:
+                    pruned = [e for e in entries if e.status == "pruned"]
+                    errors = ", ".join(f"{e.name.rsplit('.', 1)[-1] or e.name} {e.error:.3g}" for e in pruned)
+                    log_block(f"block {index + 1}/{len(found)} ({prefix or 'model'}): {len(pruned)} layers pruned "
+                              f"in {time.perf_counter() - start:.1f} s; relative output error {errors or '-'}")
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return model
+
+
+def find_blocks(model, blocks=None):
+    """The blocks :func:`prune` walks through, with their names.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    blocks : str, sequence of nn.Module, or None
+        As in :func:`prune`.
+
+    Returns
+    -------
+    list of (str, nn.Module)
+        ``(name in model.named_modules(), block)`` in order.
+
+    Raises
+    ------
+    ValueError
+        If ``blocks`` names nothing usable, or none are found.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    >>> [name for name, _ in find_blocks(model)]
+    ['0', '1']
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    if isinstance(blocks, str):
+        try:
+            blocks = model.get_submodule(blocks)
+        except AttributeError:
+            raise ValueError(f"blocks={blocks!r} names no submodule of {type(model).__name__}") from None
+    if blocks is None:
+        blocks = _default_blocks(model)
+    found = [(names.get(id(block)), block) for block in blocks]
+    if not found or any(name is None for name, _ in found):
+        raise ValueError(f"blocks must be modules of the model (a ModuleList such as model.layers), got {blocks!r}")
+    return found
+
+
+def _default_blocks(model):
+    for path in BLOCK_PATHS:
+        try:
+            candidate = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(candidate, (nn.ModuleList, nn.Sequential)) and len(candidate):
+            return candidate
+    if isinstance(model, nn.Sequential):
+        return model
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)
+             and len({type(child) for child in m}) == 1]
+    if lists:
+        return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    raise ValueError(f"found no blocks in {type(model).__name__}: pass blocks= a ModuleList of the model "
+                     f"(or its name, e.g. blocks='model.layers')")
+
+
+def prunable(module):
+    """Whether :func:`prune` (and ``sparsify``) can prune this layer type.
+
+    ``nn.Linear`` and its subclasses, Hugging Face / GPT-2 ``Conv1D`` (recognised without
+    importing transformers) and ``nn.Conv{1,2,3}d``.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Any module.
+
+    Returns
+    -------
+    bool
+        True for the layer types above.
+
+    Examples
+    --------
+    >>> import torch
+    >>> prunable(torch.nn.Linear(4, 4)), prunable(torch.nn.LayerNorm(4))
+    (True, False)
+    """
+    return isinstance(module, (nn.Linear, *CONVOLUTIONS)) or is_conv1d(module)
+
+
+def is_conv1d(module):
+    """Whether ``module`` is a GPT-2 style ``Conv1D``: a linear layer stored ``(in, out)``.
+
+    Recognised by its class name and attribute, without importing transformers.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Any module.
+
+    Returns
+    -------
+    bool
+        True for ``transformers.pytorch_utils.Conv1D`` and look-alikes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> is_conv1d(torch.nn.Linear(4, 4))
+    False
+    """
+    return (any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and hasattr(module, "nf")
+            and getattr(module, "weight", None) is not None)
+
+
+def linear_weight(module):
+    """A layer's weight as ``(out, in[, *kernel])``: the transpose for ``Conv1D``.
+
+    Parameters
+    ----------
+    module : nn.Module
+        A :func:`prunable` layer.
+
+    Returns
+    -------
+    Tensor
+        A view of the weight (not a copy).
+
+    Examples
+    --------
+    >>> import torch
+    >>> tuple(linear_weight(torch.nn.Linear(4, 8)).shape)
+    (8, 4)
+    """
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def _targets(model, found, layers, pattern, transposable, score):
+    """Per block prefix, the ``(name, layer, reason left dense or None)`` to prune."""
+    modules = dict(model.named_modules())
+    explicit = [glob for glob in (layers or ()) if not any(ch in glob for ch in "*?[")]
+    for name in explicit:
+        module = modules.get(name)
+        if not (module is not None and prunable(module)):
+            raise ValueError(f"layer {name!r} is {'missing' if module is None else type(module).__name__}; "
+                             f"prunable layers are Linear, Conv1D and Conv1d/2d/3d")
+        error = tiling_error(tuple(linear_weight(module).shape), pattern.m, transposable=transposable, hint="")
+        if error is not None:
+            raise ValueError(f"layer {name!r} has weight shape {tuple(module.weight.shape)}, which does not tile at "
+                             f"{pattern} ({error.reason}); leave it out of layers=")
+    targets = {}
+    for prefix, block in found:
+        chosen = []
+        for sub, module in block.named_modules():
+            name = f"{prefix}.{sub}" if sub else prefix
+            if not prunable(module) or (layers is not None and not any(fnmatch.fnmatchcase(name, g) for g in layers)):
+                continue
+            if isinstance(module, CONVOLUTIONS) and score in ("wanda", "sparsegpt"):
+                raise ValueError(f"layer {name!r} is a {type(module).__name__}: score {score!r} is defined for "
+                                 f"linear layers; use score='magnitude' or 'adaprune', or leave it out with layers=")
+            error = tiling_error(tuple(linear_weight(module).shape), pattern.m, transposable=transposable, hint="")
+            chosen.append((name, module, None if error is None else error.reason))
+        targets[prefix] = chosen
+    return targets
+
+
+class _Captured(Exception):
+    """Raised by the hook on the first block once its inputs are recorded."""
+
+
+def _call(model, batch):
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _first_block_inputs(model, block, batches):
+    """``(args, kwargs)`` the first block receives for every calibration batch; the rest of
+    the model does not run."""
+    captured = []
+
+    def record(module, args, kwargs):
+        captured.append((args, dict(kwargs)))
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                _call(model, batch)
+            except _Captured:
+                continue
+            raise ValueError("the model's forward never reached its first block; check blocks=")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_hidden(args, kwargs, hidden):
+    """The block inputs with the hidden state (first positional, else ``hidden_states``) replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class _no_cache:
+    """Hugging Face models: no key/value cache while pruning (restored afterwards)."""
+
+    def __init__(self, model):
+        self.config = getattr(model, "config", None)
+
+    def __enter__(self):
+        self.saved = getattr(self.config, "use_cache", None)
+        if self.saved is not None:
+            self.config.use_cache = False
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.config.use_cache = self.saved
+
+
+class _InputStats:
+    """What one layer's inputs tell each score, accumulated batch by batch."""
+
+    def __init__(self, layer, score):
+        self.layer, self.score = layer, score
+        self.sample = None  # the first batch's inputs: the reported errors are measured on them
+        self.inputs = []  # AdaPrune fits on all of them
+        self.tokens = 0
+        self.sum_squares = None  # Wanda
+        self.hessian = None  # SparseGPT
+
+    def add(self, x):
+        x = x.detach()
+        if self.sample is None:
+            self.sample = x
+        if self.score == "adaprune":
+            self.inputs.append(x)
+        if self.score not in ("wanda", "sparsegpt"):
+            return
+        flat = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += flat.shape[0]
+        if self.score == "wanda":
+            squares = flat.pow(2).sum(dim=0).double()
+            self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
+        else:
+            product = (flat.t() @ flat).double()
+            self.hessian = product if self.hessian is None else self.hessian + product
+
+
+def _dense_pass(block, targets, inputs):
+    """Run the still dense block: every target layer's outputs, and the next dense inputs."""
+    outputs = {name: [] for name, _, reason in targets if reason is None}
+    handles = [layer.register_forward_hook(lambda module, args, out, kept=outputs[name]: kept.append(out.detach()))
+               for name, layer, reason in targets if reason is None]
+    try:
+        following = [_with_hidden(args, kwargs, _hidden(block(*args, **kwargs))) for args, kwargs in inputs]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, following
+
+
+def _prune_block(block, targets, inputs, dense_outputs, pattern, transposable, method, score, dampening, steps, lr):
+    entries = [LayerReport(name, list(layer.weight.shape), f"left dense: {reason}")
+               for name, layer, reason in targets if reason is not None]
+    live = [(name, layer) for name, layer, reason in targets if reason is None]
+    stats = {name: _InputStats(layer, score) for name, layer in live}
+    handles = [layer.register_forward_pre_hook(lambda module, args, kept=stats[name]: kept.add(args[0]))
+               for name, layer in live]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, layer in live:
+        targets_out = dense_outputs[name] if dense_outputs is not None else None
+        entries.append(_prune_layer(name, layer, stats[name], targets_out, pattern, transposable, method, score,
+                                    dampening, steps, lr))
+    return entries
+
+
+def _prune_layer(name, layer, stats, dense_outputs, pattern, transposable, method, score, dampening, steps, lr):
+    start = time.perf_counter()
+    weight = linear_weight(layer).detach().float().clone()  # (out, in[, *kernel]); a copy, even of float32
+    if score == "sparsegpt":
+        new, keep = sparsegpt(weight, stats.hessian / max(stats.tokens, 1), pattern, transposable=transposable,
+                              method=method, dampening=dampening)
+    else:
+        scores = None
+        if score == "wanda":
+            scores = weight.abs() * (stats.sum_squares / max(stats.tokens, 1)).sqrt().to(weight)[None, :]
+        keep = mask(weight, pattern, transposable=transposable, method=method, scores=scores)
+        new = weight * keep
+    original = layer.weight.detach().float().clone()
+    bias = None if layer.bias is None else layer.bias.detach().float().clone()
+    masked = _stored(layer, weight * keep)
+    new_weight, new_bias = _stored(layer, new), bias
+    if score == "adaprune":
+        new_weight, new_bias = _fit(layer, _stored(layer, keep.to(weight.dtype)), masked, bias, stats.inputs,
+                                    dense_outputs, steps, lr)
+    error_masked = _relative_error(layer, (masked, bias), (original, bias), stats.sample)
+    error = _relative_error(layer, (new_weight, new_bias), (original, bias), stats.sample)
+    with torch.no_grad():
+        layer.weight.copy_(new_weight.to(layer.weight.dtype))
+        if new_bias is not None:
+            layer.bias.copy_(new_bias.to(layer.bias.dtype))
+    return LayerReport(name, list(layer.weight.shape), "pruned", kept_fraction(weight, keep), error_masked, error,
+                       time.perf_counter() - start)
+
+
+def _stored(layer, weight):
+    """A weight in the library's ``(out, in)`` convention, as the layer stores it."""
+    return weight.t() if is_conv1d(layer) else weight
+
+
+def _outputs(layer, weight, bias, x):
+    params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    return functional_call(layer, params, (x.float(),))
+
+
+def _relative_error(layer, candidate, reference, x):
+    """``||f(x; candidate) - f(x; reference)||^2 / ||f(x; reference)||^2``."""
+    ours, theirs = _outputs(layer, *candidate, x).double(), _outputs(layer, *reference, x).double()
+    return float((ours - theirs).pow(2).sum() / theirs.pow(2).sum().clamp_min(1e-300))
+
+
+def _fit(layer, keep, masked, bias, inputs, targets, steps, lr):
+    """AdaPrune: fit the kept weights and the bias with Adam so that the layer's outputs on
+    ``inputs`` match ``targets`` (the dense model's); returns ``(weight, bias)``."""
+    weight = masked.clone().requires_grad_(True)
+    trainable = [weight]
+    fitted_bias = None
+    if bias is not None:
+        fitted_bias = bias.clone().requires_grad_(True)
+        trainable.append(fitted_bias)
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    targets = [y.float() for y in targets]
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = sum((_outputs(layer, weight * keep, fitted_bias, x) - y).pow(2).mean()
+                       for x, y in zip(inputs, targets)) / len(inputs)
+            loss.backward()
+            optimizer.step()
+    return (weight * keep).detach(), None if fitted_bias is None else fitted_bias.detach()
+
+
+def sparsegpt(weight, hessian, pattern, *, transposable=True, method="auto", dampening=0.01, blocksize=128):
+    """SparseGPT: an N:M mask and the reconstructed weights of one linear layer.
+
+    Columns are processed in order. Every M columns the mask of that slab is chosen on the
+    weights as already updated, by the saliency ``w**2 / [H^-1]_jj**2`` (for transposable
+    masks: the exact transposable mask of the slab's M x M tiles); each pruned weight's
+    error is then spread over the columns still to come along the Cholesky factor of
+    ``H^-1`` (optimal brain surgeon, with lazy block updates).
+
+    Parameters
+    ----------
+    weight : Tensor, shape (out, in)
+        The layer's weight (any float dtype; computed in float32).
+    hessian : Tensor, shape (in, in)
+        ``X^T X / tokens`` of the layer's calibration inputs.
+    pattern : str, tuple or Pattern
+        The N:M pattern.
+    transposable : bool, default True
+        Transposable masks (``out`` must be a multiple of M) instead of row-wise ones.
+    method : str, default "auto"
+        The transposable solver.
+    dampening : float, default 0.01
+        Added to the diagonal of ``H`` as a fraction of its mean (numerical stability).
+    blocksize : int, default 128
+        Columns per lazy update (rounded down to a multiple of M).
+
+    Returns
+    -------
+    weight : Tensor, shape (out, in)
+        Reconstructed, float32, zero where pruned.
+    mask : Tensor of bool, shape (out, in)
+        The mask (N:M along ``in``; transposable if asked).
+
+    References
+    ----------
+    Frantar and Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+    One-Shot", ICML 2023.
+
+    Examples
+    --------
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(256, 16)
+    >>> w = torch.randn(8, 16)
+    >>> new, keep = sparsegpt(w, x.t() @ x / 256, "2:4")
+    >>> error = lambda v: float((x @ (v - w).t()).pow(2).sum())
+    >>> bool(error(new) < error(w * keep)), int(keep.sum())
+    (True, 64)
+    """
+    pattern = parse_pattern(pattern)
+    m = pattern.m
+    w = weight.detach().clone().float()
+    h = hessian.detach().clone().to(torch.float64 if w.device.type == "cpu" else torch.float32)
+    columns = w.shape[1]
+    dead = torch.diag(h) == 0  # inputs that are always zero: nothing to reconstruct from
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += dampening * torch.diag(h).mean() * torch.eye(columns, dtype=h.dtype, device=h.device)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(w.dtype)
+    keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    step = max(m, blocksize // m * m)
+    for first in range(0, columns, step):
+        last = min(first + step, columns)
+        block, block_inv = w[:, first:last].clone(), h_inv[first:last, first:last]
+        errors = torch.zeros_like(block)
+        for i in range(last - first):
+            if i % m == 0:
+                slab = block[:, i:i + m]
+                saliency = slab.pow(2) / torch.diag(block_inv)[i:i + m].pow(2)
+                keep[:, first + i:first + i + m] = mask(slab, pattern, transposable=transposable, method=method,
+                                                        scores=saliency)
+            column = block[:, i]
+            kept = column * keep[:, first + i]
+            error = (column - kept) / block_inv[i, i]
+            block[:, i:] -= error[:, None] * block_inv[i, i:][None, :]
+            block[:, i] = kept
+            errors[:, i] = error
+        w[:, first:last] = block
+        w[:, last:] -= errors @ h_inv[first:last, last:]
+    return w * keep, keep
