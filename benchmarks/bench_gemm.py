@@ -1,23 +1,37 @@
 """Linear-layer GEMMs on a GPU: dense vs transposable 2:4 on sparse tensor cores (bf16).
 
-For each shape (tokens x in -> out) it times, with CUDA events (medians): the forward GEMM,
-the input-gradient GEMM (dX), and a full forward + backward, for a dense ``nn.Linear`` and
-for a ``sparsify``-ed one whose forward and dX run on ``to_sparse_semi_structured``
-weights (dW stays dense, so the ideal forward + backward speed-up is 1.5x). Prints ratios
-and the device; exits with a message on machines without CUDA.
+For each shape (tokens x in -> out), with CUDA events (medians after warm-up), dense
+``F.linear`` against a ``sparsify``-ed layer whose forward and dX GEMMs run on
+``to_sparse_semi_structured`` weights (dW stays dense, so the ideal forward + backward
+speed-up is 1.5x):
 
-Run: python benchmarks/bench_gemm.py [--repeat 50]
+- ``forward``: ``X W^T``;
+- ``dX``: ``dY W``;
+- ``apply+compress``: the per-step cost of a training step's new weights: ``W*S`` and its
+  transpose compressed (what happens once per optimizer step);
+- ``forward+backward``: the whole layer, weights unchanged since the last step;
+- ``step``: forward + backward *including* apply+compress, as in training, where every
+  optimizer step changes the weights.
+
+Prints ratios (dense ms / sparse ms) and the device; exits with a message on machines
+without CUDA.
+
+Run: python benchmarks/bench_gemm.py [--repeat 50] [--json FILE]
 """
 import argparse
+import json
 import statistics
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from transposable.nn import sparsify
 
-SHAPES = [(13008, 1024, 4096), (13008, 4096, 1024), (4096, 4096, 11008)]
+#: (tokens, in, out): LLaMA-7B's MLP and attention projections, and a 2048 -> 8192 MLP.
+SHAPES = [(tokens, inp, out) for tokens in (8192, 16384)
+          for inp, out in ((4096, 11008), (11008, 4096), (4096, 4096), (2048, 8192))]
 
 
 def time_ms(fn, repeat):
@@ -38,34 +52,61 @@ def bench(tokens, inp, out, repeat):
     torch.manual_seed(0)
     dense = nn.Linear(inp, out, bias=False).cuda().to(torch.bfloat16)
     sparse = sparsify(nn.Linear(inp, out, bias=False).cuda().to(torch.bfloat16), "2:4")
-    if sparse._sparse_kernels() is None:
+    kernels = sparse._sparse_kernels()
+    if kernels is None:
         raise RuntimeError(f"the sparse path is not available for {inp}->{out}; see the log")
     x = torch.randn(tokens, inp, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, out, device="cuda", dtype=torch.bfloat16)
-    kernels = sparse._sparse_kernels()
     masked = (sparse.weight * sparse.mask).detach()
+
+    def new_weights():  # what an optimizer step does to the layer: a new weight version
+        with torch.no_grad():
+            sparse.weight.add_(0)
+
+    def sparse_step():
+        new_weights()
+        sparse(x).backward(grad)
+
+    def compress():
+        new_weights()
+        kernels.update(sparse.weight, sparse.mask)
+
     rows = {
-        "forward": (lambda: x @ dense.weight.t(), lambda: kernels.forward(x)),
+        "forward": (lambda: F.linear(x, dense.weight), lambda: kernels.forward(x)),
         "dX": (lambda: grad @ masked, lambda: kernels.input_grad(grad)),
+        "apply+compress": (None, compress),
         "forward+backward": (lambda: dense(x).backward(grad), lambda: sparse(x).backward(grad)),
+        "step": (lambda: dense(x).backward(grad), sparse_step),
     }
+    results = []
     for name, (dense_fn, sparse_fn) in rows.items():
-        d, s = time_ms(dense_fn, repeat), time_ms(sparse_fn, repeat)
-        print(f"| {tokens}x{inp}->{out} | {name:<16} | {d:9.3f} | {s:9.3f} | {d / s:6.2f}× |")
+        d = time_ms(dense_fn, repeat) if dense_fn is not None else None
+        s = time_ms(sparse_fn, repeat)
+        results.append({"tokens": tokens, "in": inp, "out": out, "gemm": name, "dense_ms": d, "sparse_ms": s,
+                        "speedup": d / s if d else None})
+        dense_text = f"{d:9.3f}" if d is not None else f"{'-':>9}"
+        ratio = f"{d / s:6.2f}×" if d is not None else f"{'-':>7}"
+        print(f"| {tokens}x{inp}->{out} | {name:<16} | {dense_text} | {s:9.3f} | {ratio} |", flush=True)
+    return results
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=50)
-    args = parser.parse_args()
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench_gemm.py needs a CUDA GPU (Ampere or newer); none is available here")
+        print("bench_gemm.py needs a CUDA GPU (Ampere or newer); none is available here", file=sys.stderr)
+        return None
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, medians of {args.repeat}")
     print("| shape (tokens x in -> out) | GEMM | dense ms | 2:4 ms | speed-up |")
     print("|---|---|---|---|---|")
-    for shape in SHAPES:
-        bench(*shape, args.repeat)
+    results = [row for shape in SHAPES for row in bench(*shape, args.repeat)]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=2)
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main() is not None else 2)

@@ -7,7 +7,7 @@ microseconds per m x m tile, the time as a multiple of the row-wise ``torch.topk
 optimum. The second baseline is OR-Tools solving one tile per call, the way the reference
 implementation works; it is timed on a sample of tiles and extrapolated. Then: the issue's
 targets with the measured ratios, 1- vs 2-thread scaling, peak extra memory, a real trained
-layer, and (on a machine with CUDA) the GPU solvers.
+layer. The GPU solvers: ``bench_gpu_masks.py``: ``bench_gpu_masks.py``.
 
 Run: python benchmarks/bench_masks.py [--shapes 1024 4096] [--patterns 2:4 4:8 8:16 16:32]
 """
@@ -146,26 +146,6 @@ def peak_extra_memory(size, pattern, method):
     return probe["extra_bytes"] / probe["weight_bytes"]
 
 
-def gpu_section(repeat):
-    if not torch.cuda.is_available():
-        print("\nGPU: no CUDA device in this run; GPU solvers not timed.")
-        return
-    print(f"\nGPU: {torch.cuda.get_device_name()} (fp32 weights on the device; ratio to CPU exact optimum)")
-    for pattern, method, size in [("2:4", "exhaustive", 8192), ("8:16", "greedy", 8192),
-                                  ("8:16", "cyclecanceling", 8192), ("4:8", "cyclecanceling", 8192)]:
-        weight = torch.from_numpy(np.random.default_rng(0).standard_normal((size, size), dtype=np.float32))
-        device_weight = weight.cuda()
-        tp.transposable_mask(device_weight[:64, :64], pattern, method=method)  # warm up
-        def run():
-            mask = tp.transposable_mask(device_weight, pattern, method=method)
-            torch.cuda.synchronize()
-            return mask
-        seconds, mask = median_seconds(run, repeat)
-        optimum = tp.transposable_mask(weight, pattern, method="cyclecanceling")
-        print(f"| {pattern} {method:<15} {size}x{size} | {seconds * 1e3:9.2f} ms | kept L1 / optimum "
-              f"{tp.ratio_to_optimum(weight, mask.cpu(), optimum):.5f} |")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", type=int, nargs="+", default=[1024, 4096])
@@ -239,8 +219,6 @@ def main():
                             ("4:8", "greedy"), ("4:8", "mincostflow")]:
         extra = peak_extra_memory(big, pattern, method)
         row(f"peak extra memory ≤ 3× weight ({pattern} {method})", f"{extra:.2f}×", extra <= 3)
-
-    gpu_section(args.repeat)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from numpydoc.validate import validate
 MODULES = [
     "transposable", "transposable.masks", "transposable.layout", "transposable.patterns",
     "transposable.diversity", "transposable.formats", "transposable.io", "transposable.convert",
-    "transposable.adaprune", "transposable.prune", "transposable.pretrained", "transposable.nn", "transposable.cli",
+    "transposable.adaprune", "transposable.prune", "transposable.pretrained", "transposable.nn", "transposable.hf",
+    "transposable.cli",
     "solvers", "solvers.rowwise", "solvers.greedy", "solvers.cyclecanceling", "solvers.exhaustive",
     "solvers.mincostflow",
 ]

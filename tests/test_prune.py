@@ -156,6 +156,17 @@ def test_the_block_engine_equals_a_naive_whole_model_reference(score):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+def test_batches_of_one_shape_share_one_copy_of_their_block_inputs_besides_the_hidden_states():
+    from transposable.prune import _first_block_inputs, find_blocks
+
+    model = tiny_llama()
+    inputs = _first_block_inputs(model, find_blocks(model)[0][1], calibration(3))
+    (first, first_kwargs), (_, last_kwargs) = inputs[0], inputs[-1]
+    cos, sin = first_kwargs["position_embeddings"]
+    assert last_kwargs["position_embeddings"][0] is cos and last_kwargs["position_embeddings"][1] is sin
+    assert inputs[1][0][0] is not first[0] and not torch.equal(inputs[1][0][0], first[0])  # hidden: per batch
+
+
 def test_calibration_as_dicts_and_tuples():
     data = calibration(2)
     as_dicts = [{"input_ids": batch, "attention_mask": torch.ones_like(batch)} for batch in data]

@@ -12,21 +12,32 @@ Axis convention: weights ``(out, in[, *kernel])``, groups of M along ``in``; tra
 tiles cover ``(out, in)``, so that both ``Y = X W^T`` and ``dX = dY W`` are N:M.
 """
 import fnmatch
+import glob
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import tiling_error
+from .layout import Layout, tiling_error
 from .masks import mask, resolve_method
 from .patterns import parse_pattern
-from .prune import is_conv1d, linear_weight
+from .prune import is_conv1d, linear_weight, prunable
 
 log = logging.getLogger("transposable")
 
 #: SR-STE's decay on pruned weights, lambda_W in Zhou et al. (2021).
 SRSTE_DECAY = 2e-4
+
+#: Why sparse layers ran dense masked GEMMs, each said once at INFO in this process.
+_REASONS_LOGGED = set()
+
+
+def _compiling():
+    is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return is_compiling()
 
 
 class _SparseLinearGEMMs(torch.autograd.Function):
@@ -179,12 +190,66 @@ class _SparseLayer:
         self._kernels, self._dense_reason = None, None
         self.register_buffer("mask", self.solve_mask(method), persistent=True)
 
-    def solve_mask(self, method):
-        """The best mask of the current weight, on its device, in the weight's stored layout
-        (solved on its ``(out, in)`` view: groups along the input features)."""
+    def solve_mask(self, method, weight=None):
+        """The best mask of the current weight, on its device, in the weight's stored layout.
+
+        Solved on the ``(out, in)`` view (groups along the input features). A weight sharded
+        by FSDP2 is gathered whole first (a collective: every rank calls this together), so
+        tiles never straddle shards.
+
+        Parameters
+        ----------
+        method : str
+            The solver, as in :func:`transposable.mask`.
+        weight : Tensor, optional
+            The whole ``(out, in)`` weight, when the caller has already gathered it.
+
+        Returns
+        -------
+        Tensor of bool
+            The mask, shaped as the stored weight.
+        """
         with torch.no_grad():
-            solved = mask(linear_weight(self).detach(), self.pattern, transposable=self.transposable, method=method)
+            weight = self._whole_weight() if weight is None else weight
+            solved = mask(weight, self.pattern, transposable=self.transposable, method=method)
             return solved.t() if is_conv1d(self) else solved
+
+    def _whole_weight(self):
+        """The ``(out, in)`` view of the weight, a sharded (DTensor) one gathered on every rank."""
+        weight = self.weight.detach()
+        if hasattr(weight, "full_tensor"):
+            weight = weight.full_tensor()
+        return weight.t() if is_conv1d(self) else weight
+
+    def better_mask(self, candidate, weight=None):
+        """Per tile (row-wise: per group), whichever of the current mask and ``candidate``
+        keeps more ``|W|`` of the current weight; ties keep the current one.
+
+        A refresh with the greedy could otherwise lose to the exact initial mask, and flip
+        entries of weights that did not change: SAD would measure the solver, not training.
+
+        Parameters
+        ----------
+        candidate : Tensor of bool
+            A newly solved mask, shaped as the stored weight.
+        weight : Tensor, optional
+            The whole ``(out, in)`` weight, when the caller has already gathered it.
+
+        Returns
+        -------
+        Tensor of bool
+            The better mask per tile, shaped as the stored weight.
+        """
+        weight = self._whole_weight() if weight is None else weight
+        current, candidate = (m.t() if is_conv1d(self) else m for m in (self.mask, candidate))
+        layout = Layout(tuple(weight.shape), self.pattern.m, transposable=self.transposable, pad=False)
+        magnitude = layout.blocks(weight.abs().to(torch.float64 if weight.dtype == torch.float64 else torch.float32))
+        kept_axes = (1, 3) if self.transposable else (1,)
+        blocks_now, blocks_new = layout.blocks(current), layout.blocks(candidate)
+        gain = (magnitude * blocks_new).sum(dim=kept_axes) > (magnitude * blocks_now).sum(dim=kept_axes)
+        gain = gain[:, None, :, None] if self.transposable else gain[:, None]
+        better = layout.unblock(torch.where(gain, blocks_new, blocks_now))
+        return better.t() if is_conv1d(self) else better
 
     def extra_repr(self):
         kind = "transposable" if self.transposable else "row-wise"
@@ -212,8 +277,13 @@ class SparseLinear(_SparseLayer, nn.Linear):
     def _sparse_kernels(self):
         reason = semi_structured_reason(self.weight, self.pattern, self.transposable)
         if reason is not None:
-            if reason != self._dense_reason:
-                log.info("%s: dense masked GEMMs: %s", self._sparse_name(), reason)
+            # Logging inside a compiled region would break the graph: compiled code says nothing.
+            if reason != self._dense_reason and not _compiling():
+                # One INFO line per reason and process (not one per layer); each layer at DEBUG.
+                level = logging.DEBUG if reason in _REASONS_LOGGED else logging.INFO
+                _REASONS_LOGGED.add(reason)
+                log.log(level, "%s: dense masked GEMMs: %s%s", self._sparse_name(), reason,
+                        "" if level == logging.DEBUG else " (the same for every layer in this state: logged once)")
                 self._dense_reason = reason
             return None
         if self._kernels is None:
@@ -284,27 +354,55 @@ class _SparseConv1D(_SparseLayer):
         return _SparseLinearGEMMs.apply(x, self.weight.t(), self.mask.t(), self.bias, decay, None)
 
 
-SPARSE_CLASSES = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d,
-                  nn.Conv3d: SparseConv3d}
+#: The layer types sparsify knows; their subclasses (same forward) and ``Conv1D`` join on first sight.
+BASE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SPARSE_CLASSES = dict(zip(BASE_LAYERS, (SparseLinear, SparseConv1d, SparseConv2d, SparseConv3d)))
 DENSE_CLASSES = {sparse: dense for dense, sparse in SPARSE_CLASSES.items()}
 
 
 def _sparse_class(module):
-    """The sparse class for a layer, or None. ``Conv1D`` lives in transformers, so its sparse
-    class is made on first sight (importable as ``transposable.nn.SparseConv1D``)."""
+    """The sparse class for a layer, or None.
+
+    A subclass of ``nn.Linear`` / ``nn.Conv*d`` that keeps its base's ``forward`` gets a
+    sparse subclass of its own, made on first sight, so that ``isinstance`` checks hold and
+    :func:`export` gives the user's class back. ``Conv1D`` lives in transformers, so its
+    sparse class is made the same way (importable as ``transposable.nn.SparseConv1D``).
+    """
     base = type(module)
-    if base not in SPARSE_CLASSES and is_conv1d(module):
-        sparse = type("SparseConv1D", (_SparseConv1D, base), {
-            "__module__": __name__,
-            "__doc__": "GPT-2 style ``Conv1D`` computing with ``W * mask`` (see :func:`sparsify`)."})
+    if base in SPARSE_CLASSES:
+        return SPARSE_CLASSES[base]
+    if isinstance(module, _SparseLayer):
+        return None
+    if is_conv1d(module):
+        mixin, name = _SparseConv1D, "SparseConv1D"
+    else:
+        plain = next((layer for layer in BASE_LAYERS if isinstance(module, layer)), None)
+        if plain is None or base.forward is not plain.forward:
+            return None
+        mixin, name = SPARSE_CLASSES[plain], f"Sparse{base.__name__}"
+    sparse = type(name, (mixin, base), {
+        "__module__": __name__,
+        "__doc__": f"``{base.__name__}`` computing with ``W * mask`` (see :func:`sparsify`)."})
+    if mixin is _SparseConv1D:
         globals()["SparseConv1D"] = sparse
-        SPARSE_CLASSES[base], DENSE_CLASSES[sparse] = sparse, base
-    return SPARSE_CLASSES.get(base)
+    SPARSE_CLASSES[base], DENSE_CLASSES[sparse] = sparse, base
+    return sparse
+
+
+def _left_dense_reason(name, module, parent, shared_with, named_by_user):
+    """Why ``sparsify`` leaves a prunable-looking layer dense, or None."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention uses this weight without calling the layer"
+    if _sparse_class(module) is None:
+        return f"{type(module).__name__} overrides forward(), so W * mask would not reach its computation"
+    if shared_with and not named_by_user:
+        return f"weight shared with {', '.join(shared_with)} (tied); name it in include= to sparsify it anyway"
+    return None
 
 
 def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay=SRSTE_DECAY, method="auto",
-             refresh_every=None, refresh_method="greedy", include=None, exclude=(), skip_first=False,
-             skip_last=False):
+             refresh_every=None, refresh_method="greedy", include=None, exclude=(), filter_fn=None,
+             skip_first=False, skip_last=False):
     """Make a model's linear and conv layers N:M sparse, in place.
 
     ``nn.Linear``, ``nn.Conv{1,2,3}d`` and GPT-2 style ``Conv1D`` layers (weight stored
@@ -315,8 +413,11 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
     ----------
     model : nn.Module
         Changed in place and returned.
-    pattern : str or tuple
-        ``"2:4"``, ``"4:8"``, ... (N kept of every M along each weight's input dimension).
+    pattern : str, tuple or dict
+        ``"2:4"``, ``"4:8"``, ... (N kept of every M along each weight's input dimension),
+        or a mapping from glob patterns on layer names to patterns, for a pattern per layer
+        (``{"*.mlp.*": "2:4", "*.attn.*": "8:16"}``): each layer takes the first glob that
+        matches its name; layers no glob matches are left alone.
     transposable : bool, default True
         Transposable masks (the weight's transpose is N:M too, for the backward GEMM).
     gradient : {"srste", "ste"}
@@ -332,6 +433,9 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
         Solver used at refreshes (transposable masks).
     include, exclude : sequence of str, optional
         Glob patterns on layer names (``model.named_modules()``).
+    filter_fn : callable, optional
+        ``filter_fn(module, fqn) -> bool``: sparsify only the layers it accepts (as
+        ``torchao``'s ``sparsify_``), on top of the globs.
     skip_first, skip_last : bool
         Leave the first / last prunable layer dense.
 
@@ -354,36 +458,63 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
     >>> [name for name, _ in model.named_parameters()], int(model[0].mask.sum())
     (['0.weight', '0.bias'], 32)
     """
-    pattern = parse_pattern(pattern)
+    per_layer = dict(pattern) if isinstance(pattern, Mapping) else {"*": pattern}
+    if not per_layer:
+        raise ValueError("pattern is an empty mapping; give a pattern such as '2:4' or {glob: pattern}")
+    per_layer = {rule: parse_pattern(value) for rule, value in per_layer.items()}
     if gradient not in ("srste", "ste"):
         raise ValueError(f"gradient must be 'srste' or 'ste', got {gradient!r}")
-    resolve_method(method, pattern, transposable=transposable)
-    resolve_method(refresh_method, pattern)
-    candidates = [(name, module) for name, module in model.named_modules() if _sparse_class(module) is not None]
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable filter_fn(module, fqn) -> bool, got {filter_fn!r}")
+    for value in per_layer.values():
+        resolve_method(method, value, transposable=transposable)
+        resolve_method(refresh_method, value)
+    named = dict(model.named_modules())
+    owners = {}  # parameter -> the modules holding it (tied weights are held by several)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(name)
+    candidates = [(name, module) for name, module in named.items()
+                  if prunable(module) and not isinstance(module, _SparseLayer)]
     if skip_first:
         candidates = candidates[1:]
     if skip_last:
         candidates = candidates[:-1]
-    chosen = []
+    chosen, left_dense = [], []
     for name, module in candidates:
         if include is not None and not any(fnmatch.fnmatchcase(name, g) for g in include):
             continue
         if any(fnmatch.fnmatchcase(name, g) for g in exclude):
             continue
-        error = tiling_error(tuple(linear_weight(module).shape), pattern.m, transposable=transposable)
-        if error is not None:
-            log.warning("%s: weight %s does not tile at %s (%s); left dense", name, tuple(module.weight.shape),
-                        pattern, error.reason)
+        if filter_fn is not None and not filter_fn(module, name):
             continue
-        chosen.append((name, module))
+        layer_pattern = next((value for rule, value in per_layer.items() if fnmatch.fnmatchcase(name, rule)), None)
+        if layer_pattern is None:
+            continue
+        shared_with = [other for other in owners[id(module.weight)] if other != name]
+        reason = _left_dense_reason(name, module, named.get(name.rpartition(".")[0]), shared_with,
+                                    named_by_user=include is not None)
+        error = tiling_error(tuple(linear_weight(module).shape), layer_pattern.m, transposable=transposable)
+        if reason is None and error is not None:
+            reason = f"weight {tuple(module.weight.shape)} does not tile at {layer_pattern} ({error.reason})"
+        if reason is not None:
+            left_dense.append(f"{name or type(module).__name__}: {reason}")
+            continue
+        chosen.append((name, module, layer_pattern))
+    if left_dense:  # one summary, not a line per layer
+        log.warning("sparsify: %d layer%s left dense: %s", len(left_dense), "s" * (len(left_dense) > 1),
+                    "; ".join(left_dense))
     if not chosen:
-        raise ValueError(f"no layer to sparsify at {pattern} (check include/exclude and the layer shapes)")
+        wanted = ", ".join(f"{rule}: {value}" for rule, value in per_layer.items()) if isinstance(
+            pattern, Mapping) else str(next(iter(per_layer.values())))
+        raise ValueError(f"no layer to sparsify at {wanted} (check include/exclude/filter_fn and the layer shapes)"
+                         + (f"; left dense: {'; '.join(left_dense)}" if left_dense else ""))
     every = refresh_every if refresh_every is not None else (40 if transposable else 1)
-    for name, module in chosen:
+    for name, module, layer_pattern in chosen:
         decay = 0.0 if gradient == "ste" else (
             srste_decay.get(name, SRSTE_DECAY) if isinstance(srste_decay, dict) else srste_decay)
         module.__class__ = _sparse_class(module)
-        module._setup_sparse(pattern, transposable, method, decay, every, refresh_method)
+        module._setup_sparse(layer_pattern, transposable, method, decay, every, refresh_method)
     return model
 
 
@@ -414,7 +545,10 @@ class MaskRefresher:
     """Re-solves the masks of a sparsified model every few optimizer steps and records SAD.
 
     SAD (Zhou et al., 2021) is how many mask entries flip between two refreshes,
-    ``||S_new - S_old||_1``, per layer and in total.
+    ``||S_new - S_old||_1``, per layer and in total. A refresh keeps, per tile (row-wise:
+    per group), whichever of the current and the newly solved mask keeps more of the
+    current ``|W|`` (see ``better_mask`` of the sparse layers), so it never makes a mask
+    worse and flips nothing while the weights stand still.
 
     Parameters
     ----------
@@ -458,7 +592,9 @@ class MaskRefresher:
         with torch.no_grad():
             for name, layer in layers if layers is not None else self.layers:
                 old = layer.mask.clone()
-                layer.mask.copy_(layer.solve_mask(layer.refresh_method if layer.transposable else "auto"))
+                whole = layer._whole_weight()  # once: gathering a sharded weight is a collective
+                method = layer.refresh_method if layer.transposable else "auto"
+                layer.mask.copy_(layer.better_mask(layer.solve_mask(method, whole), whole))
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
                     # Every rank keeps rank 0's masks. Broadcast into the buffer the layer keeps
                     # alive, not into a temporary: gloo may release a finished work item after
@@ -488,6 +624,124 @@ class MaskRefresher:
 
     def load_state_dict(self, state):
         self.steps, self.history = state["steps"], list(state["history"])
+
+
+def restore_sparse(model, source, *, pattern=None, transposable=None, **options):
+    """Make a dense model sparse again as it was saved, masks included, and load the save.
+
+    For a sparsified model saved with ``save_pretrained`` or ``torch.save(model.state_dict())``
+    (its ``*.mask`` buffers are in the save; a plain ``from_pretrained`` ignores them and
+    hands back a dense model): every layer with a saved mask is sparsified with that
+    mask, and every tensor of ``source`` is loaded, so training resumes where it stopped.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The dense architecture (e.g. from ``from_pretrained(folder)``); changed in place.
+    source : dict, str or Path
+        A state dict, a checkpoint file (``.safetensors``, sharded index, ``.pt``/``.bin``),
+        or a model folder written by ``save_pretrained``.
+    pattern : str or tuple, optional
+        The N:M pattern; default: read from each mask (the smallest M its groups fit).
+    transposable : bool, optional
+        Default: whether each mask is transposable at its pattern.
+    **options
+        Passed to :func:`sparsify` (``gradient``, ``srste_decay``, ``refresh_every``, ...),
+        which are not saved with the masks.
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Raises
+    ------
+    ValueError
+        If ``source`` holds no mask (an exported model: ``sparsify`` it instead), a mask
+        names no prunable layer of ``model``, a mask fits no N:M pattern (or not the one
+        given), or ``source`` holds tensors ``model`` does not have.
+
+    Examples
+    --------
+    >>> import torch
+    >>> make = lambda: torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    >>> state = sparsify(make(), "4:8").state_dict()
+    >>> model = restore_sparse(make(), state)
+    >>> [(name, str(layer.pattern)) for name, layer in sparse_layers(model)], torch.equal(model[0].mask, state["0.mask"])
+    ([('0', '4:8'), ('2', '4:8')], True)
+    """
+    state = _read_state(source)
+    masks = {key[:-len("mask")].rstrip("."): value for key, value in state.items()
+             if key == "mask" or key.endswith(".mask")}
+    if not masks:
+        raise ValueError(f"{_describe(source)} holds no '*.mask' tensors: it was not saved from a sparsified model "
+                         "(export() removes the masks); call sparsify(model, pattern) instead")
+    named = dict(model.named_modules())
+    groups = {}
+    for name, keep in masks.items():
+        layer = named.get(name)
+        if layer is None or not prunable(layer):
+            raise ValueError(f"{_describe(source)} has a mask for '{name}', which is not a linear or conv layer of "
+                             "the model; restore into the architecture that was saved")
+        view = keep.bool().t() if is_conv1d(layer) else keep.bool()
+        found = _mask_pattern(view, pattern, transposable)
+        if found is None:
+            wanted = f"{pattern}{'' if transposable is None else (' transposable' if transposable else ' row-wise')}"
+            raise ValueError(f"the mask of '{name}' {'fits no N:M pattern' if pattern is None else 'is not ' + wanted}"
+                             "; pass the pattern= (and transposable=) it was trained with")
+        groups.setdefault(found[1], {})[name] = found[0]
+    known = set(model.state_dict()) | {f"{name}.mask" if name else "mask" for name in masks}
+    unexpected = [key for key in state if key not in known]
+    if unexpected:  # checked before the model is touched
+        raise ValueError(f"{_describe(source)} holds tensors the model does not have: {', '.join(unexpected[:5])}"
+                         f"{' ...' if len(unexpected) > 5 else ''}; restore into the architecture that was saved")
+    for is_transposable, patterns in groups.items():
+        sparsify(model, {glob.escape(name): p for name, p in patterns.items()}, transposable=is_transposable,
+                 include=[glob.escape(name) for name in patterns], **options)
+    model.load_state_dict(dict(state), strict=False)
+    return model
+
+
+def _describe(source):
+    return f"'{source}'" if isinstance(source, (str, Path)) else "the state dict"
+
+
+def _read_state(source):
+    """Every tensor of a state dict, checkpoint file or model folder, read safely."""
+    if isinstance(source, Mapping):
+        return source
+    from .formats import format_of
+    from .pretrained import find_checkpoint
+
+    path = Path(source)
+    path, kind = find_checkpoint(path) if path.is_dir() else (path, format_of(path))
+    return {name: torch.as_tensor(kind.read_tensor(path, name)[0]) for name in kind.names(path)}
+
+
+def _mask_pattern(keep, pattern, transposable):
+    """``(pattern, transposable)`` that a mask ``(out, in[, *kernel])`` meets exactly, or None:
+    the given ones, else the smallest M whose groups along ``in`` all keep the same N."""
+    inp = keep.shape[1]
+    if pattern is not None:
+        candidates = [parse_pattern(pattern)]
+    else:
+        kept = int(keep.sum())
+        candidates = [parse_pattern((kept * m // keep.numel(), m)) for m in range(2, inp + 1)
+                      if inp % m == 0 and (kept * m) % keep.numel() == 0 and 0 < kept * m // keep.numel() < m]
+
+    def fits(p, tiles):
+        if tiling_error(tuple(keep.shape), p.m, transposable=tiles) is not None:
+            return False
+        blocks = Layout(tuple(keep.shape), p.m, transposable=tiles, pad=False).blocks(keep).long()
+        counts = (blocks.sum(dim=1), blocks.sum(dim=3)) if tiles else (blocks.sum(dim=1),)
+        return all(bool((c == p.n).all()) for c in counts)
+
+    for p in candidates:
+        if transposable is not False and fits(p, True):
+            return p, True
+        if transposable is not True and fits(p, False):
+            return p, False
+    return None
 
 
 def end_distributed():

