@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import solvers
+
 from .layout import Layout, tiling_error
 from .masks import mask, resolve_method
 from .patterns import parse_pattern
@@ -33,11 +35,6 @@ SRSTE_DECAY = 2e-4
 
 #: Why sparse layers ran dense masked GEMMs, each said once at INFO in this process.
 _REASONS_LOGGED = set()
-
-
-def _compiling():
-    is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-    return is_compiling()
 
 
 class _SparseLinearGEMMs(torch.autograd.Function):
@@ -278,7 +275,7 @@ class SparseLinear(_SparseLayer, nn.Linear):
         reason = semi_structured_reason(self.weight, self.pattern, self.transposable)
         if reason is not None:
             # Logging inside a compiled region would break the graph: compiled code says nothing.
-            if reason != self._dense_reason and not _compiling():
+            if reason != self._dense_reason and not torch.compiler.is_compiling():
                 # One INFO line per reason and process (not one per layer); each layer at DEBUG.
                 level = logging.DEBUG if reason in _REASONS_LOGGED else logging.INFO
                 _REASONS_LOGGED.add(reason)
@@ -494,9 +491,10 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
         shared_with = [other for other in owners[id(module.weight)] if other != name]
         reason = _left_dense_reason(name, module, named.get(name.rpartition(".")[0]), shared_with,
                                     named_by_user=include is not None)
-        error = tiling_error(tuple(linear_weight(module).shape), layer_pattern.m, transposable=transposable)
-        if reason is None and error is not None:
-            reason = f"weight {tuple(module.weight.shape)} does not tile at {layer_pattern} ({error.reason})"
+        if reason is None:
+            error = tiling_error(tuple(linear_weight(module).shape), layer_pattern.m, transposable=transposable)
+            if error is not None:
+                reason = f"weight {tuple(module.weight.shape)} does not tile at {layer_pattern} ({error.reason})"
         if reason is not None:
             left_dense.append(f"{name or type(module).__name__}: {reason}")
             continue
@@ -545,10 +543,12 @@ class MaskRefresher:
     """Re-solves the masks of a sparsified model every few optimizer steps and records SAD.
 
     SAD (Zhou et al., 2021) is how many mask entries flip between two refreshes,
-    ``||S_new - S_old||_1``, per layer and in total. A refresh keeps, per tile (row-wise:
-    per group), whichever of the current and the newly solved mask keeps more of the
-    current ``|W|`` (see ``better_mask`` of the sparse layers), so it never makes a mask
-    worse and flips nothing while the weights stand still.
+    ``||S_new - S_old||_1``, per layer and in total. A refresh with an approximate solver
+    (the greedy, the default for transposable masks) keeps, per tile, whichever of the
+    current and the newly solved mask keeps more of the current ``|W|`` (see
+    ``better_mask`` of the sparse layers); exact refreshes are the best mask of every tile
+    already. So a refresh never makes a mask worse and flips nothing while the weights
+    stand still.
 
     Parameters
     ----------
@@ -593,8 +593,14 @@ class MaskRefresher:
             for name, layer in layers if layers is not None else self.layers:
                 old = layer.mask.clone()
                 whole = layer._whole_weight()  # once: gathering a sharded weight is a collective
-                method = layer.refresh_method if layer.transposable else "auto"
-                layer.mask.copy_(layer.better_mask(layer.solve_mask(method, whole), whole))
+                method = resolve_method(layer.refresh_method if layer.transposable else "auto", layer.pattern,
+                                        transposable=layer.transposable)
+                new = layer.solve_mask(method, whole)
+                if layer.transposable and not solvers.TRANSPOSABLE[method].EXACT:
+                    # An exact solve is already the best mask of every tile (row-wise refreshes,
+                    # every step, pay nothing); only an approximate one can lose to the mask in place.
+                    new = layer.better_mask(new, whole)
+                layer.mask.copy_(new)
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
                     # Every rank keeps rank 0's masks. Broadcast into the buffer the layer keeps
                     # alive, not into a temporary: gloo may release a finished work item after

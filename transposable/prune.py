@@ -539,7 +539,7 @@ def _prune_layer(name, layer, stats, dense_outputs, pattern, transposable, metho
             scores = weight.abs() * (stats.sum_squares / max(stats.tokens, 1)).sqrt().to(weight)[None, :]
         keep = mask(weight, pattern, transposable=transposable, method=method, scores=scores)
         new = weight * keep
-    original = layer.weight.detach().float().clone()
+    original = _stored(layer, weight)  # weight is a float copy, never changed below
     bias = None if layer.bias is None else layer.bias.detach().float().clone()
     masked = _stored(layer, weight * keep)
     new_weight, new_bias = _stored(layer, new), bias
