@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from ortools.graph.python import min_cost_flow
 
-import solvers
+from transposable import solvers
 import transposable as tp
 from transposable.masks import resolve_method
 

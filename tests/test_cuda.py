@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import solvers
+from transposable import solvers
 import transposable as tp
 import transposable.nn
 from checks import assert_valid_mask, assert_valid_tiles

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-import solvers
+from transposable import solvers
 from checks import count_regular_masks
 from transposable.cli import main
 from transposable.diversity import (

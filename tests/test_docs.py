@@ -19,8 +19,8 @@ MODULES = [
     "transposable.diversity", "transposable.formats", "transposable.io", "transposable.convert",
     "transposable.adaprune", "transposable.prune", "transposable.pretrained", "transposable.nn", "transposable.hf",
     "transposable.cli",
-    "solvers", "solvers.rowwise", "solvers.greedy", "solvers.cyclecanceling", "solvers.exhaustive",
-    "solvers.mincostflow",
+    "transposable.solvers", "transposable.solvers.rowwise", "transposable.solvers.greedy",
+    "transposable.solvers.cyclecanceling", "transposable.solvers.exhaustive", "transposable.solvers.mincostflow",
 ]
 
 OPTIONAL = {"SA01", "ES01", "GL01"}

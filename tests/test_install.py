@@ -1,6 +1,7 @@
 """The package runs where it is installed: a non-editable install into a read-only
 site-packages, used by someone whose home is read-only too (a Docker image, a system or
 cluster install). numba's on-disk cache is then out of reach; the solvers must still run."""
+import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from test_files import needs_private_mounts
 REPO = Path(__file__).resolve().parents[1]
 
 SOLVE = """
-import numpy as np, solvers._jit, transposable as tp
-solvers._jit.NOTICE_AFTER = 0.01  # say "compiling" at once, whatever this machine's speed
+import numpy as np, transposable.solvers._jit as jit, transposable as tp
+jit.NOTICE_AFTER = 0.01  # say "compiling" at once, whatever this machine's speed
 mask = tp.transposable_mask(np.random.default_rng(0).standard_normal((8, 8)), "1:2", method="exhaustive")
 print(tp.is_transposable_nm(mask, "1:2"), tp.__file__)
 """
@@ -76,3 +77,38 @@ def test_caches_in_numba_cache_dir_when_the_install_is_read_only(installed, tmp_
     assert "no writable cache directory" not in result.stderr
     assert "compiling solver kernels for exhaustive 1:2 (once: later runs load them" in result.stderr
     assert any(p.suffix == ".nbi" for p in cache.rglob("*"))  # numba's cache index, where it belongs
+
+
+def test_the_readme_commands_in_a_row_leave_nothing_behind_to_shadow_the_package(tmp_path):
+    """The quickstart's "Use it" (a plain install, then a solve) and then "Develop" (an
+    editable reinstall) in one checkout: every new process still finds the package, the
+    compiled kernels live in the user's cache, and the site-packages hold nothing of ours."""
+    source, home, venv = tmp_path / "source", tmp_path / "home", tmp_path / "venv"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info",
+                                                                 "__pycache__", ".pytest_cache", ".hypothesis"))
+    home.mkdir()
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, numba, pip, ...
+    environment = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    environment["HOME"] = str(home)
+
+    def run(*command):
+        result = subprocess.run(command, cwd=source, env=environment, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    install = [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    solve = [venv / "bin" / "transposable", "solve", "examples/digits_mlp.safetensors", "--key", "fc2.weight",
+             "--pattern", "2:4", "--transposable", "-o"]
+    run(*install, ".")
+    run(*solve, "first.safetensors")
+    assert any(p.suffix == ".nbi" for p in (home / ".cache" / "transposable").rglob("*"))
+    installed = {p.name for p in site.iterdir()}
+    assert "transposable" in installed and "solvers" not in installed  # no generic top-level name of ours
+    run(*install, "-e", ".")
+    assert not (site / "transposable").exists()  # pip removed all of it: nothing was written there
+    run(*solve, "second.safetensors")
+    assert run(python, "-c", "import transposable.solvers as s; print(s.__file__)").startswith(str(source))

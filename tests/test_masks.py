@@ -166,7 +166,7 @@ def test_tiling_errors_are_one_type_everywhere():
         assert isinstance(info.value, ValueError) and info.value.m == 4 and info.value.size == 6
     with pytest.raises(ValueError, match="no layer to sparsify"):  # the layer was refused by the same rule
         sparsify(torch.nn.Linear(8, 6), "2:4")
-    assert tp.MinCostFlowError is __import__("solvers").MinCostFlowError
+    assert tp.MinCostFlowError is __import__("transposable.solvers").solvers.MinCostFlowError
 
 
 def test_big_endian_arrays_are_accepted(rng):

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-import solvers
+from transposable import solvers
 from checks import assert_valid_tiles, brute_force_best, count_regular_masks, kept, networkx_best
 
 KINDS = ("gaussian", "small-integers", "zeros", "all-equal", "heavy-tailed")
@@ -117,7 +117,7 @@ def test_greedy_keeps_98_percent_on_gaussian_4_8(rng):
 
 
 def test_greedy_completion_fills_rows_the_greedy_pass_leaves_short():
-    from solvers._tile_kernels import greedy_tile, order_entries
+    from transposable.solvers._tile_kernels import greedy_tile, order_entries
 
     tile = np.array([[2., 8, 6, 8], [8, 8, 3, 4], [6, 2, 9, 0], [8, 6, 2, 7]])
     keep, rows, cols = np.zeros((4, 4), bool), np.zeros(4, np.int64), np.zeros(4, np.int64)
@@ -309,3 +309,16 @@ def test_mincostflow_keeps_its_bound_on_float32_near_ties(rng):
                     0).sum(axis=(1, 2))
     bound = 2 * 4 * np.abs(tiles).max(axis=(1, 2)).astype(np.float64) / solvers.mincostflow.COST_SCALE
     assert (ours >= best - bound).all()
+
+
+def test_engines_import_nothing_else_of_the_package():
+    """The engines stay usable with NumPy alone: data flows transposable -> solvers, never back."""
+    import ast
+    from pathlib import Path
+
+    for path in Path(solvers.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and not (node.module or "").startswith("transposable"), (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("transposable") for alias in node.names), path.name

@@ -26,7 +26,7 @@ _EXPORTS = {
     "TilingError": ".layout",
     "Pattern": ".patterns",
     "parse_pattern": ".patterns",
-    "MinCostFlowError": "solvers.mincostflow",
+    "MinCostFlowError": ".solvers.mincostflow",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,8 +8,8 @@ along ``out``.
 """
 import numpy as np
 
-import solvers
-from solvers._common import is_torch
+from . import solvers
+from .solvers._common import is_torch
 
 from .layout import Layout
 from .patterns import parse_pattern

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import solvers
+from . import solvers
 
 from .layout import Layout, tiling_error
 from .masks import mask, resolve_method

@@ -26,7 +26,7 @@ class MinCostFlowError(RuntimeError):
     """OR-Tools did not report an optimal flow.
 
     Re-exported as ``transposable.MinCostFlowError``, so that callers need not import
-    ``solvers`` to catch it.
+    ``transposable.solvers`` to catch it.
 
     Examples
     --------
