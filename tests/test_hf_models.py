@@ -145,6 +145,7 @@ def test_trainer_callback_refreshes_logs_sad_and_checkpoints_the_refresher(make,
     assert [r["step"] for r in callback.refresher.history] == [2, 4, 6]
     logged = [entry for entry in trainer.state.log_history if "sad" in entry]
     assert [entry["sad_flips"] for entry in logged] == [r["total"]["flips"] for r in callback.refresher.history]
+    assert [entry["step"] for entry in logged] == [2, 4, 6]  # logged at the refresh's own step
     assert any(entry["sad_flips"] > 0 for entry in logged)  # the weights moved: masks changed
     for _, layer in sparse_layers(trainer.model):
         assert_valid_mask(layer.mask, 2, 4, transposable=True)

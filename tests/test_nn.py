@@ -200,7 +200,7 @@ def test_include_exclude_first_last_and_non_tiling_layers(caplog):
     model = sparsify(make(), "2:4", skip_first=True)
     assert [n for n, _ in sparse_layers(model)] == ["1", "2"]  # "3" has 10 outputs: does not tile
     assert [r.getMessage() for r in caplog.records] == [
-        "sparsify: 1 layer left dense: 3: weight (10, 16) does not tile at 2:4 (weight dimension 'out' (axis 0) "
+        "sparsify: 1 weight left dense: 3: weight (10, 16) does not tile at 2:4 (weight dimension 'out' (axis 0) "
         "has size 10, not a multiple of m=4)"]
     assert [n for n, _ in sparse_layers(sparsify(make(), "2:4", skip_last=True, transposable=False))] == ["0", "1", "2"]
     assert [n for n, _ in sparse_layers(sparsify(make(), "2:4", include=["1", "2"], exclude=["2"]))] == ["1"]
@@ -250,8 +250,9 @@ def test_what_is_left_dense_is_said_once_with_the_reason(caplog):
     assert [n for n, _ in sparse_layers(model)] == ["body"]
     assert len(caplog.records) == 1
     summary = caplog.records[0].getMessage()
-    assert summary.startswith("sparsify: 3 layers left dense: ")
+    assert summary.startswith("sparsify: 4 weights left dense: ")
     assert "attention.out_proj: nn.MultiheadAttention uses this weight without calling the layer" in summary
+    assert "attention.in_proj_weight: a parameter of nn.MultiheadAttention, not a layer's weight" in summary
     assert "head: weight shared with embed (tied); name it in include= to sparsify it anyway" in summary
     assert "extra: LoggingLinear overrides forward()" in summary
     assert model.head.weight is model.embed.weight and bool((model.embed.weight != 0).all())  # not pruned
@@ -373,3 +374,60 @@ def test_train_cli_needs_demo_and_sane_epochs(capsys):
     assert "only --demo is available" in capsys.readouterr().err
     assert main(["train", "--demo", "--epochs", "0"]) == 1
     assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (2, 3, 16)])
+def test_sparse_outputs_can_be_changed_in_place_as_a_plain_layers_can(shape):
+    """ReLU(inplace=True) and ``+=`` on a sparse layer's output train as they do out of place."""
+    def grads(inplace):
+        torch.manual_seed(0)
+        model = sparsify(nn.Sequential(nn.Linear(16, 16), nn.ReLU(inplace=inplace), nn.Linear(16, 8)), "2:4")
+        x = torch.randn(*shape, requires_grad=True)
+        out = model[0](x)
+        if inplace:
+            out += 1.0
+        else:
+            out = out + 1.0
+        model[2](model[1](out)).pow(2).sum().backward()
+        return [x.grad] + [p.grad for p in model.parameters()]
+
+    for inplace, plain in zip(grads(True), grads(False)):
+        torch.testing.assert_close(inplace, plain)
+
+
+def test_a_sparse_gpt2_conv1d_output_can_be_changed_in_place():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = sparsify(Conv1D(8, 16), "2:4")  # weight stored (in, out) = (16, 8)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    F.relu_(layer(x)).sum().backward()
+    expected = (F.linear(x, (layer.weight * layer.mask).t(), layer.bias) > 0).float() @ (layer.weight * layer.mask).t()
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_fused_encoder_paths_compute_with_the_masks(caplog):
+    """In eval() under no_grad, PyTorch's fused encoder reads linear1/linear2's weights
+    directly: a sparsified encoder must still compute with W * mask, exactly as the exported
+    model (masks folded into plain layers, fused path back on) does."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True)
+    with caplog.at_level(logging.INFO, logger="transposable"):
+        sparsify(encoder, "2:4")
+    assert any("fused encoder path is off for layers.0, layers.1" in r.getMessage() for r in caplog.records)
+    exported = export(copy.deepcopy(encoder)).eval()
+    assert exported.use_nested_tensor and exported.layers[0].activation_relu_or_gelu == 1  # fused path back on
+    encoder.eval()
+    x = torch.randn(3, 8, 32)
+    padding = torch.zeros(3, 8, dtype=torch.bool)
+    padding[0, 5:] = True
+    with torch.no_grad():
+        for kwargs in ({}, {"src_key_padding_mask": padding}):  # dense tensors, and nested ones
+            sparse_out, folded_out = encoder(x, **kwargs), exported(x, **kwargs)
+            keep = ~padding if kwargs else torch.ones_like(padding)
+            torch.testing.assert_close(sparse_out[keep], folded_out[keep], atol=1e-5, rtol=1e-5)
+        dense_out = nn.TransformerEncoder(layer, num_layers=2).eval()(x)
+        assert (dense_out - encoder(x)).abs().max() > 1e-2  # the masks change the output: the check can fail

@@ -1,5 +1,8 @@
 """The README's quickstart stays true: two commands, and CI runs the test one verbatim."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +48,21 @@ def test_readme_training_table_is_what_train_demo_prints(capsys):
     captured = capsys.readouterr()
     assert printed_table(captured.out) == readme_table("`transposable train --demo` trains")
     assert len(captured.err.splitlines()) == 9  # one line per finished run (stderr is no terminal)
+
+
+def test_the_training_demo_prints_the_same_table_on_other_cpus_and_thread_counts():
+    """What another machine would do: other vector instructions (AVX2 instead of this CPU's
+    best) and another thread count change float32 rounding, and used to change the table."""
+    def table(**environment):
+        result = subprocess.run([sys.executable, "-m", "transposable", "train", "--demo", "--epochs", "4"],
+                                capture_output=True, text=True, timeout=600, env={**os.environ, **environment})
+        assert result.returncode == 0, result.stderr
+        return printed_table(result.stdout)
+
+    here = table()
+    assert len(here) == 9
+    assert table(MKL_ENABLE_INSTRUCTIONS="AVX2", ATEN_CPU_CAPABILITY="avx2") == here
+    assert table(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") == here
 
 
 def test_ci_runs_the_readme_test_command():

@@ -121,12 +121,16 @@ def run_demo(workdir=None, pattern="2:4", seed=0, log=print):
 def run_training_demo(epochs=30, seed=0, log=print, progress=True):
     """Train the digits MLP from scratch dense, and N:M-sparse with STE and SR-STE at 2:4
     and 4:8, row-wise and transposable. Returns ``[(label, test accuracy, final SAD), ...]``
-    where SAD is the fraction of mask entries flipped at the last refresh (None if dense)."""
+    where SAD is the fraction of mask entries flipped at the last refresh (None if dense).
+
+    It trains in float64 so that every machine prints the same table: in float32 the BLAS
+    kernels of different CPUs (AVX2, AVX-512) and thread counts round differently, a mask
+    entry near a tie flips on one machine and not on another, and the runs drift apart."""
     from tqdm import tqdm
 
     from .nn import MaskRefresher, sparsify
 
-    x_train, y_train, x_test, y_test = split_digits(seed)
+    x_train, y_train, x_test, y_test = (t.double() if t.is_floating_point() else t for t in split_digits(seed))
     runs = [("dense", None, None, None)]
     for pattern in ("2:4", "4:8"):
         for transposable in (False, True):
@@ -137,7 +141,7 @@ def run_training_demo(epochs=30, seed=0, log=print, progress=True):
     rows = []
     for label, pattern, transposable, gradient in tqdm(runs, desc="training", disable=not progress, leave=False):
         torch.manual_seed(seed)
-        model = make_model()
+        model = make_model().double()
         refresher = None
         optimizer = None
         if pattern is not None:

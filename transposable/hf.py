@@ -50,6 +50,7 @@ class SparseTrainingCallback(TrainerCallback, ExportableState):
     def __init__(self, trainer):
         self.trainer = trainer
         self.refresher = None
+        self._refreshed = 0  # refreshes logged so far
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.refresher = MaskRefresher(model if model is not None else self.trainer.model)
@@ -59,14 +60,21 @@ class SparseTrainingCallback(TrainerCallback, ExportableState):
         refresher_state = ((saved or {}).get("attributes") or {}).get("refresher")
         if state.global_step > 0 and refresher_state is not None:  # resumed from a checkpoint
             self.refresher.load_state_dict(refresher_state)
+        self._refreshed = len(self.refresher.history)
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        before = len(self.refresher.history)
-        self.refresher.step()
-        if len(self.refresher.history) > before:
+        self._refreshed = len(self.refresher.history)
+        self.refresher.step()  # right after the weights changed, before the next forward
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Logged here, not at the refresh: the Trainer counts the step (state.global_step,
+        # the step of every log entry) between on_optimizer_step and on_step_end.
+        if len(self.refresher.history) > self._refreshed:
             total = self.refresher.history[-1]["total"]
             self.trainer.log({"sad": total["fraction"], "sad_flips": total["flips"]})
+        self._refreshed = len(self.refresher.history)
         return control
 
     def state(self):

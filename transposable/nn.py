@@ -37,9 +37,15 @@ SRSTE_DECAY = 2e-4
 _REASONS_LOGGED = set()
 
 
+def _masked(weight, mask):
+    """``W * S``. The bool mask is read as bytes: a float times bool promotes the mask to a
+    temporary float copy first, which costs 3-5x the product itself."""
+    return weight * mask.view(torch.uint8)
+
+
 class _SparseLinearGEMMs(torch.autograd.Function):
-    """``Y = X (W*S)^T + b`` with the three GEMMs of a linear layer written out:
-    forward ``X (W*S)^T``, input gradient ``dY (W*S)`` (both sparse when ``kernels`` is
+    """``Y = X (W*S)^T + b`` for a 2-D ``X``, with the three GEMMs of a linear layer written
+    out: forward ``X (W*S)^T``, input gradient ``dY (W*S)`` (both sparse when ``kernels`` is
     given), weight gradient ``dY^T X`` (dense, straight through) plus the SR-STE decay."""
 
     @staticmethod
@@ -48,28 +54,37 @@ class _SparseLinearGEMMs(torch.autograd.Function):
         # saving it would hold a second weight-sized tensor per layer until backward.
         ctx.save_for_backward(x, weight, mask)
         ctx.decay, ctx.kernels, ctx.has_bias = decay, kernels, bias is not None
-        flat = x.reshape(-1, x.shape[-1])
-        out = kernels.forward(flat) if kernels is not None else flat @ (weight * mask).t()
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        if kernels is not None:
+            out = kernels.forward(x)
+            return out if bias is None else out.add_(bias)
+        masked = _masked(weight, mask).t()
+        return x @ masked if bias is None else torch.addmm(bias, x, masked)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, mask = ctx.saved_tensors
-        flat_grad = grad_out.reshape(-1, weight.shape[0])
-        flat_x = x.reshape(-1, x.shape[-1])
         grad_x = grad_weight = grad_bias = None
+        dense_input_grad = ctx.needs_input_grad[0] and ctx.kernels is None
+        masked = _masked(weight, mask) if dense_input_grad or (ctx.decay and ctx.needs_input_grad[1]) else None
         if ctx.needs_input_grad[0]:
-            product = ctx.kernels.input_grad(flat_grad) if ctx.kernels is not None else flat_grad @ (weight * mask)
-            grad_x = product.reshape(x.shape)
+            grad_x = grad_out @ masked if dense_input_grad else ctx.kernels.input_grad(grad_out)
         if ctx.needs_input_grad[1]:
-            grad_weight = flat_grad.t() @ flat_x
-            if ctx.decay:
-                grad_weight = grad_weight + ctx.decay * weight * ~mask
+            grad_weight = grad_out.t() @ x
+            if ctx.decay:  # W - W*S, in W*S's memory (used above): exactly W on pruned entries, 0 on kept
+                grad_weight.add_(torch.sub(weight, masked, out=masked), alpha=ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = flat_grad.sum(dim=0)
+            grad_bias = grad_out.sum(dim=0)
         return grad_x, grad_weight, None, grad_bias, None, None
+
+
+def _sparse_linear(x, weight, mask, bias, decay, kernels):
+    """The sparse GEMMs on inputs of any shape ``(..., in)``. The Function sees 2-D tensors
+    and the reshapes happen outside it: an output that is a view made inside a custom
+    Function cannot be changed in place (``ReLU(inplace=True)``, ``x += ...``)."""
+    if x.dim() == 2:
+        return _SparseLinearGEMMs.apply(x, weight, mask, bias, decay, kernels)
+    out = _SparseLinearGEMMs.apply(x.reshape(-1, x.shape[-1]), weight, mask, bias, decay, kernels)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -80,13 +95,13 @@ class _MaskedWeight(torch.autograd.Function):
     def forward(ctx, weight, mask, decay):
         ctx.save_for_backward(weight, mask)
         ctx.decay = decay
-        return weight * mask
+        return _masked(weight, mask)
 
     @staticmethod
     def backward(ctx, grad):
         weight, mask = ctx.saved_tensors
         if ctx.decay:
-            grad = grad + ctx.decay * weight * ~mask
+            grad = grad + ctx.decay * (weight - _masked(weight, mask))
         return grad, None, None
 
 
@@ -114,7 +129,7 @@ class SemiStructuredGEMMs:
         if key != self._key:
             from torch.sparse import to_sparse_semi_structured
 
-            masked = (weight.detach() * mask).contiguous()
+            masked = _masked(weight.detach(), mask).contiguous()
             self._w = to_sparse_semi_structured(masked)
             self._w_t = to_sparse_semi_structured(masked.t().contiguous())
             self._key = key
@@ -269,7 +284,7 @@ class SparseLinear(_SparseLayer, nn.Linear):
 
     def forward(self, x):
         decay = self.srste_decay if self.training else 0.0
-        return _SparseLinearGEMMs.apply(x, self.weight, self.mask, self.bias, decay, self._sparse_kernels())
+        return _sparse_linear(x, self.weight, self.mask, self.bias, decay, self._sparse_kernels())
 
     def _sparse_kernels(self):
         reason = semi_structured_reason(self.weight, self.pattern, self.transposable)
@@ -348,7 +363,7 @@ class _SparseConv1D(_SparseLayer):
 
     def forward(self, x):
         decay = self.srste_decay if self.training else 0.0
-        return _SparseLinearGEMMs.apply(x, self.weight.t(), self.mask.t(), self.bias, decay, None)
+        return _sparse_linear(x, self.weight.t(), self.mask.t(), self.bias, decay, None)
 
 
 #: The layer types sparsify knows; their subclasses (same forward) and ``Conv1D`` join on first sight.
@@ -497,10 +512,16 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
                 reason = f"weight {tuple(module.weight.shape)} does not tile at {layer_pattern} ({error.reason})"
         if reason is not None:
             left_dense.append(f"{name or type(module).__name__}: {reason}")
+            parent = named.get(name.rpartition(".")[0])
+            if isinstance(parent, nn.MultiheadAttention):  # its input projection is no layer at all
+                left_dense += [f"{name.rpartition('.')[0]}.{weight}: a parameter of nn.MultiheadAttention, not a "
+                               "layer's weight (the attention multiplies by it directly)"
+                               for weight, value in parent.named_parameters(recurse=False)
+                               if weight.endswith("weight") and value is not None]
             continue
         chosen.append((name, module, layer_pattern))
     if left_dense:  # one summary, not a line per layer
-        log.warning("sparsify: %d layer%s left dense: %s", len(left_dense), "s" * (len(left_dense) > 1),
+        log.warning("sparsify: %d weight%s left dense: %s", len(left_dense), "s" * (len(left_dense) > 1),
                     "; ".join(left_dense))
     if not chosen:
         wanted = ", ".join(f"{rule}: {value}" for rule, value in per_layer.items()) if isinstance(
@@ -513,7 +534,37 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
             srste_decay.get(name, SRSTE_DECAY) if isinstance(srste_decay, dict) else srste_decay)
         module.__class__ = _sparse_class(module)
         module._setup_sparse(layer_pattern, transposable, method, decay, every, refresh_method)
+    _fused_encoders(model, enabled=False)
     return model
+
+
+def _fused_encoders(model, enabled):
+    """Turn PyTorch's fused encoder path off where sparse layers live (``enabled=False``),
+    or back on (``export``).
+
+    In ``eval()`` under ``no_grad``, ``nn.TransformerEncoderLayer`` hands ``linear1`` and
+    ``linear2``'s weights to one fused kernel without calling those layers, so their masks
+    would be ignored, and ``nn.TransformerEncoder`` packs inputs into nested tensors for that
+    kernel. An encoder layer takes the fused path only if its activation code is non-zero
+    (a check every torch version has), so zeroing it sends it through its own layers.
+    """
+    turned = []
+    for name, module in model.named_modules():
+        holds_sparse = any(isinstance(m, _SparseLayer) for m in module.modules())
+        if isinstance(module, nn.TransformerEncoderLayer):
+            if not enabled and holds_sparse and module.activation_relu_or_gelu:
+                module._fused_activation, module.activation_relu_or_gelu = module.activation_relu_or_gelu, 0
+                turned.append(name or "the model")
+            elif enabled and not holds_sparse and hasattr(module, "_fused_activation"):
+                module.activation_relu_or_gelu = module.__dict__.pop("_fused_activation")
+        elif isinstance(module, nn.TransformerEncoder):
+            if not enabled and holds_sparse and getattr(module, "use_nested_tensor", False):
+                module._fused_nested, module.use_nested_tensor = True, False
+            elif enabled and not holds_sparse and module.__dict__.pop("_fused_nested", False):
+                module.use_nested_tensor = True
+    if turned:
+        log.info("sparsify: PyTorch's fused encoder path is off for %s (it would read linear1/linear2's dense "
+                 "weights and ignore their masks); export() turns it back on", ", ".join(turned))
 
 
 def sparse_layers(model):
@@ -827,4 +878,5 @@ def export(model, *, compress=False):
                 layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
             else:
                 log.info("%s: kept dense: %s", name, reason)
+    _fused_encoders(model, enabled=True)
     return model
