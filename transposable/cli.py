@@ -184,7 +184,7 @@ def _build_parser():
                     "text (SparseGPT also reconstructs the kept weights), and write a new folder that "
                     "from_pretrained loads: the checkpoint with the pruned tensors replaced and every other "
                     "tensor and file as it was, plus pruning_report.json. Needs transformers "
-                    "(pip install 'transposable[llm]').")
+                    "(pip install transformers, or pip install '.[llm]' in the checkout).")
     prune.add_argument("model", help="model folder: config.json, tokenizer, *.safetensors or pytorch_model.bin")
     _add_mask_options(prune, METHODS, pad_help=None)
     prune.add_argument("--score", default="sparsegpt",

@@ -1,4 +1,5 @@
-"""Sparse training under the Hugging Face ``Trainer`` (``pip install 'transposable[hf]'``).
+"""Sparse training under the Hugging Face ``Trainer`` (``pip install transformers accelerate``,
+or ``pip install '.[hf]'`` in the checkout).
 
 :class:`SparseTrainingCallback` refreshes the masks of a :func:`transposable.nn.sparsify`-ed
 model after every optimizer step that is due, sends each refresh's SAD through
@@ -13,7 +14,8 @@ try:
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
 except ImportError as error:  # an optional extra: say which
-    raise ImportError("transposable.hf needs transformers and accelerate: pip install 'transposable[hf]'") from error
+    raise ImportError("transposable.hf needs transformers and accelerate: pip install transformers accelerate "
+                      "(or pip install '.[hf]' in the transposable checkout)") from error
 
 __all__ = ["SparseTrainingCallback"]
 

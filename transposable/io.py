@@ -263,6 +263,7 @@ def atomic_directory(path, *, force=False):
         raise FileExistsError(f"output '{path}' exists; pass --force (force=True) to replace it, or write elsewhere")
     _remove_stale_temporaries(path)
     folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".partial", dir=path.parent))
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes 0700; the output gets what mkdir would give it
     try:
         yield folder
         old = None

@@ -55,13 +55,16 @@ def mask(weight, pattern, *, transposable, method="auto", pad=False, scores=None
     Returns
     -------
     ndarray or Tensor of bool
-        True where a weight is kept; the shape, container and device of ``weight``.
+        True where a weight is kept; the shape, container and device of ``weight``. A
+        ``device="meta"`` weight (a model skeleton) gets an empty meta mask of its shape
+        after every check that needs no values (pattern, method, dtype, tiling), for
+        planning shapes.
 
     Raises
     ------
     TypeError
-        If ``weight`` (or ``scores``) is not a float array/tensor or the pattern is not
-        integers.
+        If ``weight`` (or ``scores``) is not a float array/tensor, the pattern is not
+        integers, or ``transposable`` or ``pad`` is not a bool.
     ValueError
         If the pattern breaks ``0 < n < m``, ``method`` is unknown or cannot solve the
         pattern, ``weight`` has fewer than 2 dimensions, is empty, or holds NaN/Inf, or
@@ -113,10 +116,15 @@ def mask(weight, pattern, *, transposable, method="auto", pad=False, scores=None
     """
     pattern = parse_pattern(pattern)
     name = resolve_method(method, pattern, transposable=transposable)
+    check_flag("pad", pad)
     weight = _check_weight(weight)
     if scores is not None:
         weight = _check_scores(scores, weight)
     layout = Layout(weight.shape, pattern.m, transposable=transposable, pad=pad)
+    if is_torch(weight) and weight.device.type == "meta":  # a skeleton: plan shapes, solve nothing
+        import torch
+
+        return torch.empty(weight.shape, dtype=torch.bool, device="meta")
     if not transposable:
         data = weight.detach() if is_torch(weight) else weight
         return layout.unblock(solvers.rowwise.solve(layout.blocks(data), pattern.n))
@@ -261,6 +269,7 @@ def resolve_method(method, pattern, *, transposable=True):
     >>> resolve_method("auto", parse_pattern("4:8"), transposable=False)
     'rowwise'
     """
+    check_flag("transposable", transposable)
     if not transposable and isinstance(method, str) and method.lower() == "rowwise":
         return "rowwise"  # already resolved
     if not isinstance(method, str) or method.lower() not in METHODS:
@@ -409,6 +418,33 @@ def ratio_to_optimum(weight, mask, optimal_mask):
     return float(kept / best) if best else 1.0
 
 
+def check_flag(name, value):
+    """Raise ``TypeError`` unless ``value`` is a bool: ``None`` or ``"yes"`` would otherwise be
+    read as false or true without a word.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for the message.
+    value : object
+        Its value.
+
+    Raises
+    ------
+    TypeError
+        Naming the argument and the value.
+
+    Examples
+    --------
+    >>> check_flag("pad", "yes")
+    Traceback (most recent call last):
+    ...
+    TypeError: pad must be True or False, got 'yes'
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_weight(weight, name="weight"):
     """``weight`` validated, NumPy arrays in native byte order (the kernels need it)."""
     if not (isinstance(weight, np.ndarray) or is_torch(weight)):
@@ -425,7 +461,7 @@ def _check_weight(weight, name="weight"):
                          f"{tuple(weight.shape)}; 1-D tensors such as biases have no N:M layout")
     if weight.size == 0 if isinstance(weight, np.ndarray) else weight.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(weight.shape)}); there is nothing to mask")
-    if not _all_finite(weight):
+    if not (is_torch(weight) and weight.device.type == "meta") and not _all_finite(weight):
         finite = np.isfinite(weight) if isinstance(weight, np.ndarray) else weight.detach().isfinite()
         bad = int((~finite).sum())
         raise ValueError(f"{name} holds {bad} NaN or Inf value(s); replace them first "

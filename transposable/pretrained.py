@@ -1,7 +1,7 @@
 """Pruning Hugging Face model folders: ``transposable prune``.
 
 A model folder (``config.json``, tokenizer files, one or more ``.safetensors`` files or a
-``pytorch_model.bin``) is loaded with ``transformers`` (``pip install 'transposable[llm]'``),
+``pytorch_model.bin``) is loaded with ``transformers`` (``pip install transformers``, or ``pip install '.[llm]'`` in the checkout),
 pruned by :func:`transposable.prune.prune` on windows of a calibration text, and written
 as a new folder, all or nothing: every file but the checkpoint is copied as it is, the
 checkpoint is rewritten through the library's file formats with the pruned tensors in
@@ -72,8 +72,10 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     FileNotFoundError
         If the folder, its checkpoint or the calibration file is missing.
     ValueError
-        For bad settings, an empty or too short calibration text, or a model no layer of
-        which tiles at ``pattern`` (see :func:`transposable.prune.prune`).
+        For bad settings, a calibration file that is not UTF-8 text, an empty or too short
+        calibration text (all checked before the model loads), weights that do not match
+        the folder's ``config.json``, or a model no layer of which tiles at ``pattern``
+        (see :func:`transposable.prune.prune`).
 
     Examples
     --------
@@ -83,14 +85,18 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
                                   score="sparsegpt", samples=64, seqlen=512)
         report["summary"]["pruned"]
     """
+    from .prune import check_score, prune
+
+    # Everything that can be checked is checked before the model loads (tens of seconds).
     pattern = parse_pattern(pattern)
     method = resolve_method(method, pattern, transposable=transposable)
+    check_score(score)
     model_dir, output = Path(model_dir), Path(output)
     for name, value in (("samples", samples), ("seqlen", seqlen)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     checkpoint = find_checkpoint(model_dir)
-    check_readable(calibration_file)
+    text = read_calibration_text(calibration_file)
     if output.resolve() == model_dir.resolve():
         raise ValueError(f"output '{output}' is the model folder; inputs are never overwritten")
     with atomic_directory(output, force=force) as folder:  # refuses an existing output before any work
@@ -98,12 +104,8 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         if not progress:  # one line per block, not transformers' own loading bars
             transformers.utils.logging.disable_progress_bar()
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        batches = calibration_windows(tokenizer, Path(calibration_file).read_text(encoding="utf-8"), samples,
-                                      seqlen, seed)
-        import torch
-
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        from .prune import prune
+        batches = calibration_windows(tokenizer, text, samples, seqlen, seed)
+        model = _load_model(transformers, model_dir)
 
         layers = []
         prune(model, batches, pattern, transposable=transposable, score=score, method=method, report=layers,
@@ -138,6 +140,8 @@ def find_checkpoint(model_dir):
     ------
     FileNotFoundError
         If the folder or its ``config.json`` is missing, or it holds no checkpoint.
+    NotADirectoryError
+        If ``model_dir`` is a file.
     ValueError
         If it holds several checkpoints of different kinds.
 
@@ -149,6 +153,9 @@ def find_checkpoint(model_dir):
     FileNotFoundError: model folder '/nowhere' does not exist
     """
     model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise NotADirectoryError(f"'{model_dir}' is a file, not a model folder; give the folder that holds "
+                                 "config.json, the tokenizer and the weights")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder '{model_dir}' does not exist")
     if not (model_dir / "config.json").is_file():
@@ -210,11 +217,82 @@ def calibration_windows(tokenizer, text, samples, seqlen, seed=0):
     return [ids[start:start + seqlen][None] for start in starts.tolist()]
 
 
+def read_calibration_text(path):
+    """The text of a calibration file, or a one-line error naming the file.
+
+    Parameters
+    ----------
+    path : str or Path
+        A UTF-8 text file.
+
+    Returns
+    -------
+    str
+        Its text.
+
+    Raises
+    ------
+    FileNotFoundError, IsADirectoryError, PermissionError
+        If the file is missing, a folder or unreadable.
+    ValueError
+        If it is not UTF-8 text, or holds nothing but white space.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> binary = tempfile.NamedTemporaryFile(suffix=".bin", delete=False)
+    >>> _ = binary.write(bytes([0xff, 0xfe, 0x00])); binary.close()
+    >>> read_calibration_text(binary.name)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: calibration file '....bin' is not UTF-8 text (byte 0 is 0xff); give a plain text file
+    """
+    check_readable(path)
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"calibration file '{path}' is not UTF-8 text (byte {error.start} is "
+                         f"0x{raw[error.start]:02x}); give a plain text file") from None
+    if not text.strip():
+        raise ValueError(f"calibration file '{path}' is empty; give a file of real text (a few thousand words or "
+                         "more)")
+    return text
+
+
+def _load_model(transformers, model_dir):
+    """The folder's model in float32, or one line saying its weights do not fit its config
+    (transformers would log every missing tensor and hand back a randomly initialized model)."""
+    import torch
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        model, loading = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                                           output_loading_info=True)
+    except RuntimeError as error:  # shapes that do not fit the config
+        raise ValueError(f"the weights in '{model_dir}' do not match its config.json: "
+                         f"{str(error).strip().splitlines()[-1].strip()}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    missing = sorted(loading["missing_keys"])
+    if missing or loading["mismatched_keys"]:
+        unexpected = sorted(loading["unexpected_keys"])
+        raise ValueError(f"the weights in '{model_dir}' do not match its config.json (model_type "
+                         f"{model.config.model_type!r}): {len(missing)} of the model's tensors are not in the checkpoint"
+                         + (f" (e.g. {missing[0]!r})" if missing else "")
+                         + (f" and {len(unexpected)} of the checkpoint's are not in the model (e.g. {unexpected[0]!r})"
+                            if unexpected else "")
+                         + "; give the config.json saved with these weights")
+    return model
+
+
 def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("transposable prune needs transformers: pip install 'transposable[llm]'") from None
+        raise ImportError("transposable prune needs transformers: pip install 'transformers>=5.23' (or "
+                          "pip install '.[llm]' in the transposable checkout)") from None
     return transformers
 
 

@@ -42,6 +42,30 @@ log = logging.getLogger("transposable")
 
 SCORES = ("sparsegpt", "wanda", "magnitude", "adaprune")
 
+
+def check_score(score):
+    """Raise ``ValueError`` unless ``score`` is one of :data:`SCORES`.
+
+    Parameters
+    ----------
+    score : str
+        The score's name.
+
+    Raises
+    ------
+    ValueError
+        Naming the score and the choices.
+
+    Examples
+    --------
+    >>> check_score("obs")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown score 'obs'; choose from ['sparsegpt', 'wanda', 'magnitude', 'adaprune']
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose from {list(SCORES)}")
+
 #: Where Hugging Face models keep their repeated blocks, tried in this order.
 BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks",
                "model.language_model.layers", "encoder.layer", "bert.encoder.layer", "roberta.encoder.layer",
@@ -174,8 +198,7 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     """
     pattern = parse_pattern(pattern)
     method = resolve_method(method, pattern, transposable=transposable)
-    if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; choose from {list(SCORES)}")
+    check_score(score)
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration holds no batches; pass a list of model inputs (tensors or dicts)")
