@@ -419,8 +419,9 @@ def ratio_to_optimum(weight, mask, optimal_mask):
 
 
 def check_flag(name, value):
-    """Raise ``TypeError`` unless ``value`` is a bool: ``None`` or ``"yes"`` would otherwise be
-    read as false or true without a word.
+    """Raise ``TypeError`` unless ``value`` is a bool.
+
+    ``None`` or ``"yes"`` would otherwise be read as false or true without a word.
 
     Parameters
     ----------

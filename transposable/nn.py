@@ -504,17 +504,17 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
         if layer_pattern is None:
             continue
         shared_with = [other for other in owners[id(module.weight)] if other != name]
-        reason = _left_dense_reason(name, module, named.get(name.rpartition(".")[0]), shared_with,
-                                    named_by_user=include is not None)
+        parent_name = name.rpartition(".")[0]
+        parent = named.get(parent_name)
+        reason = _left_dense_reason(name, module, parent, shared_with, named_by_user=include is not None)
         if reason is None:
             error = tiling_error(tuple(linear_weight(module).shape), layer_pattern.m, transposable=transposable)
             if error is not None:
                 reason = f"weight {tuple(module.weight.shape)} does not tile at {layer_pattern} ({error.reason})"
         if reason is not None:
             left_dense.append(f"{name or type(module).__name__}: {reason}")
-            parent = named.get(name.rpartition(".")[0])
             if isinstance(parent, nn.MultiheadAttention):  # its input projection is no layer at all
-                left_dense += [f"{name.rpartition('.')[0]}.{weight}: a parameter of nn.MultiheadAttention, not a "
+                left_dense += [f"{parent_name}.{weight}: a parameter of nn.MultiheadAttention, not a "
                                "layer's weight (the attention multiplies by it directly)"
                                for weight, value in parent.named_parameters(recurse=False)
                                if weight.endswith("weight") and value is not None]
