@@ -2,14 +2,18 @@
 
 For each model (a 3-layer 1024-wide MLP at batch 256, and a small MLP at batch 32) it
 trains a dense copy and a ``sparsify``-ed copy (SR-STE, the default) with SGD, one step
-each in turn, and prints the median process CPU time of a step (forward, backward,
-optimizer; no refresh) and the ratio sparse / dense, for 2:4 row-wise, 2:4 transposable and
-4:8 transposable masks. Then the median time of one ``MaskRefresher.refresh()`` of the
+each in turn, and prints the median wall time of a step (forward, backward, optimizer; no
+refresh) and the ratio sparse / dense, in wall time and in process CPU time, for 2:4
+row-wise, 2:4 transposable and 4:8 transposable masks. Then the median time of one ``MaskRefresher.refresh()`` of the
 whole model, which happens every step (row-wise) or every 40 steps (transposable), so the
 amortized refresh cost per step is beside it.
 
-Process CPU time with one thread: the machine is shared, and CPU time is what the step
-costs, whatever else runs.
+One torch thread. Both clocks are shown because they part once numba's parallel solver has
+run in the process (the transposable rows: ``sparsify`` solves the first masks with it):
+its idle worker thread then spins inside the OpenMP runtime it shares with torch, and the
+process's CPU time grows at the same wall time (up to 2x for a dense step; setting
+``OMP_WAIT_POLICY=PASSIVE`` or ``NUMBA_THREADING_LAYER=workqueue`` before starting removes
+most of it). The wall-time ratio is what the masking costs.
 
 Run: python benchmarks/bench_cpu_step.py [--rounds 30]
 """
@@ -47,10 +51,11 @@ def stepper(model, batch, features):
     return step
 
 
-def cpu_seconds(fn):
-    start = time.process_time()
+def seconds(fn):
+    """(wall, process CPU) seconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.process_time() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main():
@@ -59,10 +64,10 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread, "
-          f"torch {torch.__version__}; median process CPU time over {args.rounds} interleaved rounds")
-    print("| model | masks | dense step (ms) | sparse step (ms) | sparse / dense | refresh (ms) | "
-          "refresh per step (ms) |")
-    print("|---|---|---|---|---|---|---|")
+          f"torch {torch.__version__}; medians over {args.rounds} interleaved rounds")
+    print("| model | masks | dense step (ms) | sparse step (ms) | sparse / dense (wall) | sparse / dense (CPU) | "
+          "refresh (ms) | refresh per step (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, (make, batch, features) in MODELS.items():
         torch.manual_seed(0)
         dense = make()
@@ -74,14 +79,14 @@ def main():
             times = [[], []]
             for _ in range(args.rounds):
                 for which, step in enumerate(steps):
-                    times[which].append(cpu_seconds(step))
+                    times[which].append(seconds(step))
             refresher = MaskRefresher(sparse)
-            refresh = statistics.median(cpu_seconds(refresher.refresh) for _ in range(max(3, args.rounds // 6)))
+            refresh = statistics.median(seconds(refresher.refresh)[0] for _ in range(max(3, args.rounds // 6)))
             every = 40 if transposable else 1
-            d, s = (statistics.median(t) * 1e3 for t in times)
+            (d, d_cpu), (s, s_cpu) = ([statistics.median(c) * 1e3 for c in zip(*t)] for t in times)
             kind = "transposable" if transposable else "row-wise"
-            print(f"| {label} | {pattern} {kind} | {d:.2f} | {s:.2f} | {s / d:.2f} | {refresh * 1e3:.1f} | "
-                  f"{refresh * 1e3 / every:.2f} |", flush=True)
+            print(f"| {label} | {pattern} {kind} | {d:.2f} | {s:.2f} | {s / d:.2f} | {s_cpu / d_cpu:.2f} | "
+                  f"{refresh * 1e3:.1f} | {refresh * 1e3 / every:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
