@@ -115,6 +115,7 @@ def _log_to_stderr():
 
 def _build_parser():
     from .diversity import STRUCTURES
+    from .finetune import Recipe
     from .masks import METHODS
 
     parser = _OneLineParser(
@@ -196,6 +197,40 @@ def _build_parser():
     prune.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the new model folder")
     prune.add_argument("--force", action="store_true", help="replace an existing output folder")
     prune.set_defaults(run=_prune)
+
+    finetune = commands.add_parser(
+        "finetune", help="recover a pruned language model by sparse fine-tuning (distilling from the dense one)",
+        description="Fine-tune a pruned Hugging Face causal language model folder under its N:M masks (read "
+                    "from pruning_report.json, else from each layer's zeros) on the causal-LM loss of a text, "
+                    "optionally distilling from the dense model, and write a new folder that from_pretrained "
+                    "loads, every pruned layer still N:M, plus finetune_report.json. The end of the text is held "
+                    "out for perplexity. Checkpoints go to OUT_DIR.checkpoints while it runs (--resume goes on "
+                    "from the last one) and are removed when it completes.")
+    finetune.add_argument("model", help="the pruned model folder")
+    finetune.add_argument("--data", required=True, metavar="TEXT_FILE", help="UTF-8 text to train on")
+    finetune.add_argument("--teacher", metavar="DENSE_DIR", help="the dense model to distill from")
+    finetune.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the new model folder")
+    defaults = Recipe()
+    for name, kind, text in (
+            ("tokens", int, "training tokens in all"), ("seqlen", int, "tokens per window"),
+            ("batch-size", int, "windows per micro-batch"), ("accumulation", int, "micro-batches per step"),
+            ("lr", float, "peak learning rate (AdamW)"), ("weight-decay", float, "AdamW's weight decay"),
+            ("warmup", float, "fraction of the steps warming up (then cosine decay)"),
+            ("refresh-every", int, "steps between mask refreshes with --masks srste"),
+            ("distill-weight", float, "weight of the logits' KL divergence (with --teacher)"),
+            ("hidden-weight", float, "weight of the hidden-state loss (with --teacher)"),
+            ("eval-fraction", float, "fraction of the text held out"),
+            ("eval-every", int, "steps between held-out evaluations (0: start and end only)"),
+            ("save-every", int, "steps between checkpoints (0: none)"), ("seed", int, "seed of the data order")):
+        value = getattr(defaults, name.replace("-", "_"))
+        finetune.add_argument(f"--{name}", type=kind, default=value, help=f"{text} (default {value})")
+    finetune.add_argument("--masks", choices=("fixed", "srste"), default="fixed",
+                          help="keep the pruned masks (default) or train with SR-STE and refresh them")
+    finetune.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                          help="training precision of the weights (default float32)")
+    finetune.add_argument("--resume", action="store_true", help="go on from the last checkpoint")
+    finetune.add_argument("--force", action="store_true", help="replace an existing output folder")
+    finetune.set_defaults(run=_finetune)
 
     demo = commands.add_parser(
         "demo", help="train, prune and convert a small model on bundled data (offline)",
@@ -364,6 +399,20 @@ def _prune(args):
           f"{report['seqlen']} calibration tokens; {summary['left_dense']} left dense; mean relative output "
           f"error {summary['mean_error']:.4f} ({summary['mean_error_masked']:.4f} with the masks alone)")
     print(f"wrote {args.output} (report: {REPORT_NAME})")
+
+
+def _finetune(args):
+    from .finetune import FINETUNE_REPORT, Recipe, finetune
+
+    names = [n for n in Recipe.__dataclass_fields__]
+    recipe = Recipe(**{name: getattr(args, name) for name in names})
+    bar = sys.stderr.isatty()
+    report = finetune(args.model, args.output, args.data, teacher=args.teacher, recipe=recipe, resume=args.resume,
+                      force=args.force, progress=bar, log=_progress_line)
+    print(f"fine-tuned {len(report['layers'])} N:M layers on {report['tokens']} tokens ({report['steps']} steps, "
+          f"{report['seconds']:.0f} s): held-out perplexity {report['perplexity_before']:.3f} -> "
+          f"{report['perplexity_after']:.3f}")
+    print(f"wrote {args.output} (report: {FINETUNE_REPORT})")
 
 
 def _demo(args):

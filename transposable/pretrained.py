@@ -96,7 +96,7 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     checkpoint = find_checkpoint(model_dir)
-    text = read_calibration_text(calibration_file)
+    text = read_text(calibration_file)
     if output.resolve() == model_dir.resolve():
         raise ValueError(f"output '{output}' is the model folder; inputs are never overwritten")
     with atomic_directory(output, force=force) as folder:  # refuses an existing output before any work
@@ -116,7 +116,9 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
                   "transposable": transposable, "score": score, "method": method, "samples": samples,
                   "seqlen": seqlen, "seed": seed, "summary": _summary(layers),
                   "layers": [asdict(layer) for layer in layers]}
-        _write_folder(model, model_dir, checkpoint, folder, pruned, score, metadata)
+        changed = [f"{layer.name}.{kind}" for layer in pruned for kind in ("weight", "bias")
+                   if kind == "weight" or score == "adaprune"]
+        write_model_folder(model, model_dir, checkpoint, folder, changed, metadata)
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
 
@@ -217,13 +219,15 @@ def calibration_windows(tokenizer, text, samples, seqlen, seed=0):
     return [ids[start:start + seqlen][None] for start in starts.tolist()]
 
 
-def read_calibration_text(path):
-    """The text of a calibration file, or a one-line error naming the file.
+def read_text(path, what="calibration file"):
+    """The text of a UTF-8 text file, or a one-line error naming the file.
 
     Parameters
     ----------
     path : str or Path
         A UTF-8 text file.
+    what : str, default "calibration file"
+        What the file is, for the messages.
 
     Returns
     -------
@@ -242,7 +246,7 @@ def read_calibration_text(path):
     >>> import tempfile
     >>> binary = tempfile.NamedTemporaryFile(suffix=".bin", delete=False)
     >>> _ = binary.write(bytes([0xff, 0xfe, 0x00])); binary.close()
-    >>> read_calibration_text(binary.name)  # doctest: +ELLIPSIS
+    >>> read_text(binary.name)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     ValueError: calibration file '....bin' is not UTF-8 text (byte 0 is 0xff); give a plain text file
@@ -252,11 +256,10 @@ def read_calibration_text(path):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"calibration file '{path}' is not UTF-8 text (byte {error.start} is "
+        raise ValueError(f"{what} '{path}' is not UTF-8 text (byte {error.start} is "
                          f"0x{raw[error.start]:02x}); give a plain text file") from None
     if not text.strip():
-        raise ValueError(f"calibration file '{path}' is empty; give a file of real text (a few thousand words or "
-                         "more)")
+        raise ValueError(f"{what} '{path}' is empty; give a file of real text (a few thousand words or more)")
     return text
 
 
@@ -350,29 +353,49 @@ class PrunedTensors:
         return value.detach().to(tensor.dtype).contiguous()
 
 
-def _write_folder(model, model_dir, checkpoint, folder, pruned, score, metadata):
-    """Fill ``folder``: the model folder's other files as they are, and the checkpoint with
-    the pruned tensors replaced."""
+def write_model_folder(model, model_dir, checkpoint, folder, changed, metadata, replaced=(REPORT_NAME,)):
+    """Fill ``folder``: the model folder's other files as they are (but ``replaced``), and
+    its checkpoint with the parameters named in ``changed`` taken from ``model`` (in each
+    tensor's stored dtype) and every other tensor copied byte for byte.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The changed model.
+    model_dir : Path
+        The folder it was loaded from.
+    checkpoint : (Path, module)
+        Its checkpoint, as :func:`find_checkpoint` returns it.
+    folder : Path
+        The folder to fill.
+    changed : iterable of str
+        Parameter names of ``model`` whose values replace the checkpoint's.
+    metadata : dict
+        Added to the checkpoint's metadata.
+    replaced : tuple of str
+        File names not to copy (the caller writes its own).
+
+    Raises
+    ------
+    ValueError
+        If a changed parameter has no tensor in the checkpoint (tied parameters may be
+        missing: they are written through the tensor they share).
+    """
     path, fmt = checkpoint
     inputs = set(fmt.files(path))
     for item in model_dir.iterdir():
-        if item.is_file() and item not in inputs and item.name != REPORT_NAME:
+        if item.is_file() and item not in inputs and item.name not in replaced:
             shutil.copyfile(item, folder / item.name)
     names = set(fmt.names(path))
     prefix = getattr(model, "base_model_prefix", "")
     parameters = dict(model.named_parameters())
-    values = {}
-    for layer in pruned:
-        changed = [f"{layer.name}.weight"] + ([f"{layer.name}.bias"] if score == "adaprune" else [])
-        for name in changed:
-            if name in parameters:
-                values[_checkpoint_name(name, names, prefix)] = parameters[name]
+    values = {_checkpoint_name(name, names, prefix): parameters[name] for name in changed if name in parameters}
     outputs = fmt.output_files(path, folder / path.name)
     converter = PrunedTensors(values)
     fmt.convert(path, folder / path.name, {Path(out): out for out in outputs}, converter, metadata)
     missing = sorted(set(values) - converter.written)
     if missing:
-        raise ValueError(f"the checkpoint did not hold {len(missing)} pruned tensor(s), e.g. {missing[0]!r}")
+        raise ValueError(f"the checkpoint did not hold {len(missing)} changed tensor(s), e.g. {missing[0]!r}")
 
 
 def _checkpoint_name(name, names, prefix):

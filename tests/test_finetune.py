@@ -1,0 +1,154 @@
+"""transposable finetune: recovery of a pruned model under its masks, on tiny random models."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import transposable as tp
+from transposable.finetune import Recipe, finetune, nm_layers
+
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(hidden=64):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A dense tiny LLaMA folder with a word-level tokenizer, its transposable 2:4 prune, and a text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from transposable.pretrained import prune_pretrained
+
+    root = tmp_path_factory.mktemp("finetune")
+    text = (REPO / "README.md").read_text()
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=256, special_tokens=["[UNK]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+    for name, model in (("dense", tiny()), ("wide", tiny(hidden=128))):
+        model.save_pretrained(root / name)
+        fast.save_pretrained(root / name)
+    (root / "text.txt").write_text(text)
+    prune_pretrained(root / "dense", root / "pruned", root / "text.txt", "2:4", transposable=True, score="magnitude",
+                     samples=4, seqlen=32)
+    return root
+
+
+def recipe(**changes):
+    options = dict(tokens=6 * 4 * 32, seqlen=32, batch_size=4, lr=3e-3, eval_every=0, save_every=0)
+    return Recipe(**{**options, **changes})
+
+
+def weights(folder):
+    return dict(transformers.AutoModelForCausalLM.from_pretrained(folder).named_parameters())
+
+
+def test_fixed_masks_are_kept_the_loss_falls_and_the_folder_loads(folders, tmp_path):
+    out = tmp_path / "recovered"
+    report = finetune(folders / "pruned", out, folders / "text.txt", recipe=recipe())
+    before, after = weights(folders / "pruned"), weights(out)
+    layers = nm_layers(transformers.AutoModelForCausalLM.from_pretrained(folders / "pruned"), folders / "pruned")
+    assert len(layers) == 14 and {str(p) for p, _ in layers.values()} == {"2:4"}
+    for name in layers:
+        old, new = before[f"{name}.weight"], after[f"{name}.weight"]
+        assert tp.is_transposable_nm(new, "2:4"), name
+        assert not bool(((new != 0) & (old == 0)).any()), name  # the same mask: nothing grew back
+        assert not torch.equal(old, new), name  # and it trained
+    assert report["steps"] == 6 and report["tokens"] == 6 * 4 * 32
+    losses = [entry["loss"] for entry in report["history"]["loss"]]
+    assert losses[-1] < losses[0] and report["perplexity_after"] < report["perplexity_before"]
+    for name in ("config.json", "tokenizer.json", "pruning_report.json"):
+        assert (out / name).read_bytes() == (folders / "pruned" / name).read_bytes()
+    assert json.loads((out / "finetune_report.json").read_text())["steps"] == 6
+    assert not Path(f"{out}.checkpoints").exists()
+
+
+def test_layers_are_read_from_the_zeros_without_a_report(folders, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(folders / "pruned", bare)
+    (bare / "pruning_report.json").unlink()
+    model = transformers.AutoModelForCausalLM.from_pretrained(bare)
+    found = nm_layers(model, bare)
+    assert found == nm_layers(model, folders / "pruned")  # the zeros say what the report says
+    assert all(t for _, t in found.values())
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does(folders, tmp_path):
+    whole = tmp_path / "whole"
+    finetune(folders / "pruned", whole, folders / "text.txt", recipe=recipe(save_every=3, eval_every=3))
+
+    def stop_at_step_3(line):
+        if line.startswith("step 3/"):
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(folders / "pruned", cut, folders / "text.txt", recipe=recipe(save_every=3, eval_every=3),
+                 log=stop_at_step_3)
+    assert not cut.exists() and [p.name for p in Path(f"{cut}.checkpoints").iterdir()] == ["step-3.pt"]
+    report = finetune(folders / "pruned", cut, folders / "text.txt", recipe=recipe(save_every=3, eval_every=3),
+                      resume=True)
+    assert report["steps"] == 6
+    for (name, a), b in zip(weights(whole).items(), weights(cut).values()):
+        assert torch.equal(a, b), name
+
+
+def test_distillation_and_srste_refreshes(folders, tmp_path):
+    out = tmp_path / "distilled"
+    report = finetune(folders / "pruned", out, folders / "text.txt", teacher=folders / "dense",
+                      recipe=recipe(masks="srste", refresh_every=2, hidden_weight=0.5))
+    assert report["teacher"] == str(folders / "dense") and len(report["sad"]) == 3  # refreshes at steps 2, 4, 6
+    for name, weight in weights(out).items():
+        if name.endswith("proj.weight"):
+            assert tp.is_transposable_nm(weight, "2:4"), name
+
+
+@pytest.mark.parametrize("case,match", [
+    ("dense", r"no linear layer of '.*dense' is N:M: prune it first"),
+    ("teacher", r"teacher '.*wide' has hidden_size=128 but the model has 64; distill from the dense model"),
+    ("short", r"the data text has \d+ tokens: too short for 4 training windows of 32 tokens"),
+    ("empty", r"data file '.*empty.txt' is empty"),
+    ("resume", r"nothing to resume: '.*out.checkpoints' holds no checkpoint"),
+    ("tokens", r"tokens=8 is less than one optimizer step of batch_size \* accumulation \* seqlen = 128 tokens"),
+])
+def test_errors_before_any_training(folders, tmp_path, case, match):
+    model, text, options = folders / "pruned", folders / "text.txt", {}
+    if case == "dense":
+        model = folders / "dense"
+    elif case == "teacher":
+        options["teacher"] = folders / "wide"
+    elif case in ("short", "empty"):
+        text = tmp_path / f"{case}.txt"
+        text.write_text("a few words" if case == "short" else " \n")
+    elif case == "resume":
+        options["resume"] = True
+    with pytest.raises(ValueError, match=match):
+        finetune(model, tmp_path / "out", text, recipe=recipe(tokens=8) if case == "tokens" else recipe(), **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in tmp_path.iterdir()
+                                                                 if p.suffix == ".txt")
+
+
+def test_the_command_prints_one_summary_and_errors_in_one_line(folders, tmp_path):
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "transposable", "finetune", *map(str, argv)],
+                              capture_output=True, text=True, timeout=600)
+
+    common = ["--data", folders / "text.txt", "--tokens", 256, "--seqlen", 32, "--eval-every", 1]
+    result = run(folders / "pruned", *common, "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "fine-tuned 14 N:M layers on 256 tokens (2 steps" in result.stdout
+    assert [line.split(":")[0] for line in result.stderr.splitlines()] == ["step 0/2", "step 1/2", "step 2/2"]
+    failed = run(folders / "dense", *common, "-o", tmp_path / "other")
+    assert failed.returncode == 1 and failed.stderr.count("\n") == 1
+    assert failed.stderr.startswith("transposable finetune: error: no linear layer")
