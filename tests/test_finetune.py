@@ -152,3 +152,11 @@ def test_the_command_prints_one_summary_and_errors_in_one_line(folders, tmp_path
     failed = run(folders / "dense", *common, "-o", tmp_path / "other")
     assert failed.returncode == 1 and failed.stderr.count("\n") == 1
     assert failed.stderr.startswith("transposable finetune: error: no linear layer")
+
+
+def test_a_dense_model_trains_only_when_allowed_as_an_experiments_control(folders, tmp_path):
+    report = finetune(folders / "dense", tmp_path / "control", folders / "text.txt", recipe=recipe(),
+                      allow_dense=True)
+    assert report["layers"] == {} and report["perplexity_after"] < report["perplexity_before"]
+    before, after = weights(folders / "dense"), weights(tmp_path / "control")
+    assert all(not torch.equal(before[name], after[name]) for name in before if name.endswith("proj.weight"))

@@ -229,6 +229,8 @@ def _build_parser():
     finetune.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                           help="training precision of the weights (default float32)")
     finetune.add_argument("--resume", action="store_true", help="go on from the last checkpoint")
+    finetune.add_argument("--allow-dense", action="store_true",
+                          help="fine-tune a model with no N:M layer too (an experiment's dense control)")
     finetune.add_argument("--force", action="store_true", help="replace an existing output folder")
     finetune.set_defaults(run=_finetune)
 
@@ -408,7 +410,7 @@ def _finetune(args):
     recipe = Recipe(**{name: getattr(args, name) for name in names})
     bar = sys.stderr.isatty()
     report = finetune(args.model, args.output, args.data, teacher=args.teacher, recipe=recipe, resume=args.resume,
-                      force=args.force, progress=bar, log=_progress_line)
+                      force=args.force, allow_dense=args.allow_dense, progress=bar, log=_progress_line)
     print(f"fine-tuned {len(report['layers'])} N:M layers on {report['tokens']} tokens ({report['steps']} steps, "
           f"{report['seconds']:.0f} s): held-out perplexity {report['perplexity_before']:.3f} -> "
           f"{report['perplexity_after']:.3f}")

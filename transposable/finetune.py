@@ -179,8 +179,8 @@ def _zeros_pattern(keep):
     return None
 
 
-def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=False, force=False, progress=False,
-             log=None):
+def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=False, force=False, allow_dense=False,
+             progress=False, log=None):
     """Fine-tune a pruned model folder under its N:M masks and write a new folder.
 
     Parameters
@@ -200,6 +200,9 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
         Continue from the last checkpoint in ``OUTPUT.checkpoints``.
     force : bool, default False
         Replace an existing ``output``.
+    allow_dense : bool, default False
+        Fine-tune a model with no N:M layer too (the dense control of an experiment)
+        instead of refusing it.
     progress : bool, default False
         A progress bar (loss, tokens/s, ETA).
     log : callable, optional
@@ -254,7 +257,7 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
             _check_teacher(transformers, model_dir, teacher)
         model = _load_model(transformers, model_dir)
         layers = nm_layers(model, model_dir)
-        if not layers:
+        if not layers and not allow_dense:
             raise ValueError(f"no linear layer of '{model_dir}' is N:M: prune it first (transposable prune)")
         dtype = getattr(torch, recipe.dtype)
         model.to(dtype)
@@ -272,7 +275,8 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
         if teacher is not None:
             dense = _load_model(transformers, Path(teacher)).to(dtype).eval().requires_grad_(False)
         report = _train(model, dense, train_windows, eval_windows, recipe, saves, resume, progress, log)
-        export(model)
+        if layers:
+            export(model)
         report.update(model=str(model_dir), data=str(data_file), teacher=None if teacher is None else str(teacher),
                       recipe=asdict(recipe),
                       layers={name: f"{p}{' transposable' if t else ''}" for name, (p, t) in layers.items()})
@@ -337,11 +341,11 @@ def _train(model, teacher, train_windows, eval_windows, recipe, saves, resume, p
     from tqdm import tqdm
 
     from .io import atomic_output
-    from .nn import MaskRefresher
+    from .nn import MaskRefresher, sparse_layers
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe))
-    refresher = MaskRefresher(model) if recipe.masks == "srste" else None
+    refresher = MaskRefresher(model) if recipe.masks == "srste" and sparse_layers(model) else None
     step, history = 0, {"loss": [], "eval": []}
     if resume:
         state = torch.load(_latest(saves), weights_only=True)
@@ -383,9 +387,10 @@ def _train(model, teacher, train_windows, eval_windows, recipe, saves, resume, p
     if not history["eval"]:
         evaluate()
     model.train()
-    start, trained = time.perf_counter(), 0
+    start, trained, step_times = time.perf_counter(), 0, []
     bar = tqdm(total=recipe.steps, initial=step, desc="fine-tuning", unit="step", disable=not progress, leave=False)
     while step < recipe.steps:
+        step_start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         losses = []
         for micro in range(recipe.accumulation):
@@ -413,6 +418,7 @@ def _train(model, teacher, train_windows, eval_windows, recipe, saves, resume, p
         if refresher is not None:
             refresher.step()
         trained += per_step * recipe.seqlen
+        step_times.append(time.perf_counter() - step_start)
         history["loss"].append({"step": step, "loss": sum(losses) / len(losses)})
         bar.update(1)
         bar.set_postfix(loss=f"{history['loss'][-1]['loss']:.3f}",
@@ -424,6 +430,7 @@ def _train(model, teacher, train_windows, eval_windows, recipe, saves, resume, p
     bar.close()
     evaluate()
     return {"steps": step, "tokens": step * per_step * recipe.seqlen, "seconds": time.perf_counter() - start,
+            "step_seconds": sorted(step_times)[len(step_times) // 2] if step_times else None,
             "perplexity_before": history["eval"][0]["perplexity"], "perplexity_after": history["eval"][-1]["perplexity"],
             "history": history,
             "sad": None if refresher is None else [r["total"]["fraction"] for r in refresher.history]}

@@ -354,9 +354,11 @@ class PrunedTensors:
 
 
 def write_model_folder(model, model_dir, checkpoint, folder, changed, metadata, replaced=(REPORT_NAME,)):
-    """Fill ``folder``: the model folder's other files as they are (but ``replaced``), and
-    its checkpoint with the parameters named in ``changed`` taken from ``model`` (in each
-    tensor's stored dtype) and every other tensor copied byte for byte.
+    """Write a model folder: a changed model's checkpoint beside its folder's other files.
+
+    The model folder's other files are copied as they are (but ``replaced``), and its
+    checkpoint is rewritten with the parameters named in ``changed`` taken from ``model``
+    (in each tensor's stored dtype) and every other tensor copied byte for byte.
 
     Parameters
     ----------
@@ -380,6 +382,13 @@ def write_model_folder(model, model_dir, checkpoint, folder, changed, metadata, 
     ValueError
         If a changed parameter has no tensor in the checkpoint (tied parameters may be
         missing: they are written through the tensor they share).
+
+    Examples
+    --------
+    ::
+
+        write_model_folder(model, Path("SmolLM2-135M"), find_checkpoint("SmolLM2-135M"), Path("out"),
+                           [name for name, _ in model.named_parameters()], {"note": "fine-tuned"})
     """
     path, fmt = checkpoint
     inputs = set(fmt.files(path))

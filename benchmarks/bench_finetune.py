@@ -1,0 +1,173 @@
+"""Prune, then recover: what transposable N:M costs a real language model after fine-tuning.
+
+SmolLM2-135M-Instruct (``examples/smollm2_folder.py``) is pruned one-shot with SparseGPT
+(``transposable prune``, 32 windows of 512 tokens of the first 200 Lee news articles) to
+row-wise 2:4 and transposable 2:4, 4:8 and 8:16, then fine-tuned (``transposable finetune``)
+on all 300 articles with the same token budget for every row; the last 15 % of the text is
+held out. Per row: held-out perplexity before (one-shot) and after fine-tuning, as the
+command reports it, and perplexity on text from another domain (the Python documentation's
+topics shipped with CPython, ``pydoc_data.topics``), measured here on the same windows for
+every folder. Rows: dense, dense fine-tuned (the control: what the text alone does), and per
+pattern fine-tuning with and without distillation from the dense model, with fixed masks,
+and for transposable 2:4 also with SR-STE refreshes.
+
+With ``--overhead``: instead, the cost of the masks in a fine-tuning step. The dense model
+(``--allow-dense``) and the transposable 2:4 one (fixed masks, no teacher) fine-tune for the
+same few steps, each in a fresh process that reports its peak resident memory; printed: the
+median step time and the peak, and their ratios sparse / dense.
+
+Setup: as ``examples/smollm2_folder.py`` says, plus ``pip install --no-deps gensim`` (the text).
+Run: python benchmarks/bench_finetune.py [--steps 20] [--workdir DIR] [--json FILE] [--overhead]
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_prune import package_folder, prepare  # noqa: E402  (the model folder and the news text)
+
+SEQLEN, BATCH = 256, 4
+PATTERNS = [("2:4", False), ("2:4", True), ("4:8", True), ("8:16", True)]
+
+
+def command(*argv):
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "transposable", *map(str, argv)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"transposable {argv[0]} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+# The command in a fresh process, reporting its own peak resident memory (VmHWM).
+WITH_PEAK = """
+import sys
+from transposable.cli import main
+code = main(sys.argv[1:])
+with open("/proc/self/status") as f:
+    print("PEAK_RSS_BYTES", next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024)
+sys.exit(code)
+"""
+
+
+def overhead(work, dense, pruned, common):
+    """Median step time and peak memory of fine-tuning, dense against transposable 2:4."""
+    print("| model | median step (s) | peak RSS (MiB) |")
+    print("|---|---|---|", flush=True)
+    measured = {}
+    for label, folder, extra in (("dense", dense, ["--allow-dense"]), ("2:4 transposable", pruned, [])):
+        out = work / f"overhead-{label.split()[0]}"
+        result = subprocess.run([sys.executable, "-c", WITH_PEAK, "finetune", *map(str, [folder, *common, *extra]),
+                                 "-o", str(out), "--force"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-3000:])
+        peak = int(result.stdout.split("PEAK_RSS_BYTES")[1].split()[0])
+        step = json.loads((out / "finetune_report.json").read_text())["step_seconds"]
+        measured[label] = (step, peak)
+        print(f"| {label} | {step:.2f} | {peak / 2**20:.0f} |", flush=True)
+    (d_step, d_peak), (s_step, s_peak) = measured.values()
+    print(f"sparse / dense: step {s_step / d_step:.2f}x, peak memory {s_peak / d_peak:.2f}x")
+    return measured
+
+
+def other_domain_text(tokens):
+    """English from another domain: CPython's documentation topics (programming, not news)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))[: tokens * 6]
+
+
+@functools.lru_cache(maxsize=None)
+def perplexity(folder, text, windows):
+    """exp(mean next-token loss) over the first ``windows`` windows of ``SEQLEN`` tokens."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])[: windows * SEQLEN]
+    batches = ids[: len(ids) // SEQLEN * SEQLEN].reshape(-1, SEQLEN).split(BATCH)
+    with torch.no_grad():
+        losses = [float(model(input_ids=b, labels=b).loss) * len(b) for b in batches]
+    return math.exp(sum(losses) / sum(len(b) for b in batches))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help=f"optimizer steps of {BATCH} x {SEQLEN} tokens")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--other-windows", type=int, default=24, help="windows of the other-domain text")
+    parser.add_argument("--workdir", help="keep folders here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--overhead", action="store_true", help="measure step time and peak memory instead")
+    args = parser.parse_args()
+    package_folder("gensim")
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.workdir or scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        dense, calibration, evaluation = prepare(work)
+        data = work / "news.txt"
+        data.write_text(calibration.read_text() + evaluation.read_text())  # all 300 articles; the end is held out
+        other = other_domain_text(args.other_windows * SEQLEN)
+        tokens = args.steps * BATCH * SEQLEN
+        common = ["--data", data, "--tokens", tokens, "--seqlen", SEQLEN, "--batch-size", BATCH, "--lr", args.lr,
+                  "--eval-every", 0, "--save-every", 0, "--eval-fraction", 0.15]
+        if args.overhead:
+            pruned = work / "T2of4"
+            if not pruned.exists():
+                command("prune", dense, "--pattern", "2:4", "--transposable", "--score", "sparsegpt",
+                        "--calibration", calibration, "--samples", 32, "--seqlen", 512, "-o", pruned)
+            print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+                  f"{torch.__version__}; SmolLM2-135M; {args.steps} steps of {BATCH} x {SEQLEN} tokens")
+            overhead(work, dense, pruned, common)
+            return
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+              f"{torch.__version__}; SmolLM2-135M; fine-tuning on {tokens} tokens ({args.steps} steps of {BATCH} x "
+              f"{SEQLEN}), AdamW lr {args.lr} with 5 % warm-up and cosine decay", flush=True)
+        print("| model | recovery | held-out news ppl: one-shot | after | other-domain ppl: one-shot | after | "
+              "seconds |")
+        print("|---|---|---|---|---|---|---|", flush=True)
+        rows = []
+
+        def row(label, recovery, folder, out, extra):
+            seconds = command("finetune", folder, *common, *extra, "-o", out)
+            report = json.loads((out / "finetune_report.json").read_text())
+            result = {"model": label, "recovery": recovery, "before": report["perplexity_before"],
+                      "after": report["perplexity_after"], "other_before": perplexity(folder, other,
+                                                                                      args.other_windows),
+                      "other_after": perplexity(out, other, args.other_windows), "seconds": seconds}
+            rows.append(result)
+            print(f"| {label} | {recovery} | {result['before']:.2f} | {result['after']:.2f} | "
+                  f"{result['other_before']:.2f} | {result['other_after']:.2f} | {seconds:.0f} |", flush=True)
+
+        row("dense", "fine-tuned (control)", dense, work / "dense-ft", ["--allow-dense"])
+        for pattern, transposable in PATTERNS:
+            name = f"{'T' if transposable else ''}{pattern.replace(':', 'of')}"
+            pruned = work / name
+            if not pruned.exists():
+                command("prune", dense, "--pattern", pattern, *(["--transposable"] if transposable else []),
+                        "--score", "sparsegpt", "--calibration", calibration, "--samples", 32, "--seqlen", 512,
+                        "-o", pruned)
+            label = f"{pattern} {'transposable' if transposable else 'row-wise'}"
+            recoveries = [("distilled, fixed masks", ["--teacher", dense])]
+            if pattern == "2:4":
+                recoveries.insert(0, ("plain, fixed masks", []))
+            if (pattern, transposable) == ("2:4", True):
+                recoveries.append(("distilled, SR-STE (refresh every 5 steps)",
+                                   ["--teacher", dense, "--masks", "srste", "--refresh-every", 5]))
+            for recovery, extra in recoveries:
+                row(label, recovery, pruned, work / f"{name}-{len(rows)}", extra)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
