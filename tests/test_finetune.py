@@ -1,5 +1,6 @@
 """transposable finetune: recovery of a pruned model under its masks, on tiny random models."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -160,3 +161,28 @@ def test_a_dense_model_trains_only_when_allowed_as_an_experiments_control(folder
     assert report["layers"] == {} and report["perplexity_after"] < report["perplexity_before"]
     before, after = weights(folders / "dense"), weights(tmp_path / "control")
     assert all(not torch.equal(before[name], after[name]) for name in before if name.endswith("proj.weight"))
+
+
+def test_bfloat16_training_keeps_the_masks(folders, tmp_path):
+    report = finetune(folders / "pruned", tmp_path / "bf16", folders / "text.txt", recipe=recipe(dtype="bfloat16"))
+    assert report["recipe"]["dtype"] == "bfloat16" and math.isfinite(report["perplexity_after"])
+    for name, weight in weights(tmp_path / "bf16").items():
+        if name.endswith("proj.weight"):
+            assert tp.is_transposable_nm(weight, "2:4"), name
+
+
+def test_gpt2_conv1d_layers_are_fine_tuned_along_their_input_features(folders, tmp_path):
+    from transposable.pretrained import prune_pretrained
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folders / "dense" / name).exists():
+            shutil.copyfile(folders / "dense" / name, tmp_path / "gpt2" / name)
+    prune_pretrained(tmp_path / "gpt2", tmp_path / "pruned", folders / "text.txt", "2:4", transposable=False,
+                     score="magnitude", samples=4, seqlen=32)
+    finetune(tmp_path / "pruned", tmp_path / "out", folders / "text.txt", recipe=recipe())
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    attention = model.transformer.h[0].attn.c_attn.weight  # stored (in, out): groups run down its columns
+    assert tp.is_nm_sparse(attention.t(), "2:4") and not tp.is_nm_sparse(attention, "2:4")
