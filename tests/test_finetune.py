@@ -186,3 +186,23 @@ def test_gpt2_conv1d_layers_are_fine_tuned_along_their_input_features(folders, t
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     attention = model.transformer.h[0].attn.c_attn.weight  # stored (in, out): groups run down its columns
     assert tp.is_nm_sparse(attention.t(), "2:4") and not tp.is_nm_sparse(attention, "2:4")
+
+
+def test_sigterm_leaves_the_last_checkpoint_and_no_output(folders, tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "transposable", "finetune", str(folders / "pruned"), "--data",
+                                str(folders / "text.txt"), "--tokens", str(40 * 4 * 32), "--seqlen", "32",
+                                "--save-every", "1", "--eval-every", "1", "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if line.startswith("step 2/"):  # saved at step 2, then evaluated: a checkpoint is complete
+            break
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert process.stderr.read().endswith("transposable finetune: terminated; no output was written\n")
+    assert not out.exists()
+    saved = [p.name for p in Path(f"{out}.checkpoints").iterdir()]  # the newest, and the one before it if the
+    assert saved and all(name.startswith("step-") and name.endswith(".pt") for name in saved)  # signal beat its removal
+    assert max(int(name[5:-3]) for name in saved) >= 2
