@@ -141,7 +141,7 @@ def nm_layers(model, model_dir=None):
     >>> import torch
     >>> layer = torch.nn.Linear(8, 4)
     >>> with torch.no_grad():
-    ...     _ = layer.weight.mul_(torch.tensor([[1., 1, 0, 0], [0, 0, 1, 1]]).repeat(2, 2))
+    ...     _ = layer.weight.mul_(torch.tensor([[1., 1, 0, 0]]).repeat(4, 2))  # 2:4 rows, full columns
     >>> {name: (str(p), t) for name, (p, t) in nm_layers(torch.nn.Sequential(layer)).items()}
     {'0': ('2:4', False)}
     """
