@@ -232,7 +232,7 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
     import torch
 
     from .io import atomic_directory
-    from .nn import export, sparse_layers, sparsify
+    from .nn import export, sparse_layers, sparsify_layers
     from .pretrained import _load_model, _transformers, find_checkpoint, read_text, write_model_folder
 
     recipe = recipe or Recipe()
@@ -261,11 +261,8 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
             raise ValueError(f"no linear layer of '{model_dir}' is N:M: prune it first (transposable prune)")
         dtype = getattr(torch, recipe.dtype)
         model.to(dtype)
-        for transposable in {t for _, t in layers.values()}:
-            chosen = {name: p for name, (p, t) in layers.items() if t == transposable}
-            sparsify(model, {_escape(name): p for name, p in chosen.items()}, transposable=transposable,
-                     gradient="srste" if recipe.masks == "srste" else "ste", refresh_every=recipe.refresh_every,
-                     include=[_escape(name) for name in chosen])
+        sparsify_layers(model, layers, gradient="srste" if recipe.masks == "srste" else "ste",
+                        refresh_every=recipe.refresh_every)
         for name, layer in sparse_layers(model):
             kept = layer.weight.detach() != 0
             if bool((kept & ~layer.mask).any()):
@@ -286,12 +283,6 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
         (folder / FINETUNE_REPORT).write_text(json.dumps(report, indent=2))
     shutil.rmtree(saves, ignore_errors=True)  # the run is complete: its checkpoints are spent
     return report
-
-
-def _escape(name):
-    import glob
-
-    return glob.escape(name)
 
 
 def _windows(tokenizer, text, recipe):

@@ -734,7 +734,7 @@ def restore_sparse(model, source, *, pattern=None, transposable=None, **options)
         raise ValueError(f"{_describe(source)} holds no '*.mask' tensors: it was not saved from a sparsified model "
                          "(export() removes the masks); call sparsify(model, pattern) instead")
     named = dict(model.named_modules())
-    groups = {}
+    layers = {}  # name -> (pattern, transposable)
     for name, keep in masks.items():
         layer = named.get(name)
         if layer is None or not prunable(layer):
@@ -746,16 +746,45 @@ def restore_sparse(model, source, *, pattern=None, transposable=None, **options)
             wanted = f"{pattern}{'' if transposable is None else (' transposable' if transposable else ' row-wise')}"
             raise ValueError(f"the mask of '{name}' {'fits no N:M pattern' if pattern is None else 'is not ' + wanted}"
                              "; pass the pattern= (and transposable=) it was trained with")
-        groups.setdefault(found[1], {})[name] = found[0]
+        layers[name] = found
     known = set(model.state_dict()) | {f"{name}.mask" if name else "mask" for name in masks}
     unexpected = [key for key in state if key not in known]
     if unexpected:  # checked before the model is touched
         raise ValueError(f"{_describe(source)} holds tensors the model does not have: {', '.join(unexpected[:5])}"
                          f"{' ...' if len(unexpected) > 5 else ''}; restore into the architecture that was saved")
-    for is_transposable, patterns in groups.items():
-        sparsify(model, {glob.escape(name): p for name, p in patterns.items()}, transposable=is_transposable,
-                 include=[glob.escape(name) for name in patterns], **options)
+    sparsify_layers(model, layers, **options)
     model.load_state_dict(dict(state), strict=False)
+    return model
+
+
+def sparsify_layers(model, layers, **options):
+    """Sparsify exactly the named layers, each with its own pattern, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Changed in place and returned.
+    layers : dict
+        Layer names (``model.named_modules()``) to ``(pattern, transposable)``.
+    **options
+        Passed to :func:`sparsify` (``gradient``, ``refresh_every``, ...).
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    >>> model = sparsify_layers(model, {"1": ("4:8", False)})
+    >>> [(name, str(layer.pattern), layer.transposable) for name, layer in sparse_layers(model)]
+    [('1', '4:8', False)]
+    """
+    for transposable in {t for _, t in layers.values()}:
+        chosen = {glob.escape(name): p for name, (p, t) in layers.items() if t == transposable}
+        sparsify(model, chosen, transposable=transposable, include=list(chosen), **options)
     return model
 
 
