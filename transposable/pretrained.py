@@ -16,15 +16,17 @@ from pathlib import Path
 
 from .formats import FORMATS, format_of, mask_metadata
 from .io import atomic_directory, check_readable
-from .masks import resolve_method
+from .masks import check_flag, resolve_method
 from .patterns import parse_pattern
+from .permute import check_budget
 
 #: The report written into every pruned folder.
 REPORT_NAME = "pruning_report.json"
 
 
 def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposable=True, score="sparsegpt",
-                     method="auto", samples=128, seqlen=512, seed=0, force=False, progress=False, log_block=None):
+                     method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=2.0, force=False,
+                     progress=False, log_block=None):
     """Prune a Hugging Face causal language model folder into a new folder.
 
     Parameters
@@ -50,6 +52,11 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         Tokens per window.
     seed : int, default 0
         Where the windows start (reproducible).
+    permute : bool, default False
+        Permute channels before masking (:func:`transposable.prune.prune`); the folder then
+        holds the permuted weights, which compute what the originals did.
+    permute_seconds : float, default 2.0
+        Search budget per permuted dimension.
     force : bool, default False
         Replace an existing ``output``.
     progress : bool, default False
@@ -91,6 +98,8 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     pattern = parse_pattern(pattern)
     method = resolve_method(method, pattern, transposable=transposable)
     check_score(score)
+    check_flag("permute", permute)
+    check_budget(permute_seconds, None)
     model_dir, output = Path(model_dir), Path(output)
     for name, value in (("samples", samples), ("seqlen", seqlen)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -108,16 +117,20 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         model = _load_model(transformers, model_dir)
 
         layers = []
-        prune(model, batches, pattern, transposable=transposable, score=score, method=method, report=layers,
-              progress=progress, log_block=log_block)
+        prune(model, batches, pattern, transposable=transposable, score=score, method=method, permute=permute,
+              permute_seconds=permute_seconds, report=layers, progress=progress, log_block=log_block)
         pruned = [layer for layer in layers if layer.status == "pruned"]
         metadata = {**mask_metadata(pattern, transposable, method), "transposable.score": score}
         report = {"model": str(model_dir), "calibration": str(calibration_file), "pattern": str(pattern),
                   "transposable": transposable, "score": score, "method": method, "samples": samples,
-                  "seqlen": seqlen, "seed": seed, "summary": _summary(layers),
+                  "seqlen": seqlen, "seed": seed, "permute": permute,
+                  **({"permute_seconds": permute_seconds} if permute else {}), "summary": _summary(layers),
                   "layers": [asdict(layer) for layer in layers]}
-        changed = [f"{layer.name}.{kind}" for layer in pruned for kind in ("weight", "bias")
-                   if kind == "weight" or score == "adaprune"]
+        # Permutations move a layer's bias too (writers'; a reader's is rewritten unchanged).
+        modules = dict(model.named_modules())
+        changed = [f"{layer.name}.{kind}" for layer in layers for kind in ("weight", "bias")
+                   if (layer.status == "pruned" or layer.permutation) and getattr(modules[layer.name], kind, None) is not None
+                   and (kind == "weight" or layer.permutation or score == "adaprune")]
         write_model_folder(model, model_dir, checkpoint, folder, changed, metadata)
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report

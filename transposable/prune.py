@@ -30,13 +30,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from .layout import tiling_error
-from .masks import kept_fraction, mask, resolve_method
+from .masks import check_flag, kept_fraction, mask, resolve_method
 from .patterns import parse_pattern
+from .permute import check_budget, apply_permutation, permutable_dimensions, permute_dimension
 
 log = logging.getLogger("transposable")
 
@@ -97,6 +99,16 @@ class LayerReport:
         and Wanda, which change nothing but the mask).
     seconds : float, optional
         Time spent choosing the mask and reconstructing.
+    permutation : dict, optional
+        How a channel permutation (``permute=True``) moved the layer's weight, ``(out, in)``:
+        ``{"axis": 0 or 1, "positions": [...]}``, position ``i`` of that axis now holding
+        what position ``positions[i]`` held (with ``axis`` 0 the bias moved alike). None
+        if it did not move.
+    permutation_gain : float, optional
+        Relative gain in the score its best mask keeps from that permutation (None for a
+        layer that was permuted but not scored, e.g. left dense).
+    permutation_seconds : float, optional
+        Search time of the permutation (of the whole dimension the layer shares).
 
     Examples
     --------
@@ -111,10 +123,14 @@ class LayerReport:
     error_masked: float = None
     error: float = None
     seconds: float = None
+    permutation: dict = None
+    permutation_gain: float = None
+    permutation_seconds: float = None
 
 
 def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", method="auto", blocks=None,
-          layers=None, dampening=0.01, steps=200, lr=1e-3, report=None, progress=False, log_block=None):
+          layers=None, dampening=0.01, steps=200, lr=1e-3, permute=False, permute_seconds=2.0, report=None,
+          progress=False, log_block=None):
     """Prune a trained model's layers to N:M with calibration data, one block at a time.
 
     Parameters
@@ -149,6 +165,14 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
         AdaPrune: Adam steps per layer.
     lr : float, default 1e-3
         AdaPrune: Adam's learning rate.
+    permute : bool, default False
+        Before pruning a block, permute its MLP hidden dimension and every attention head's
+        value dimension (see :func:`transposable.permute.permutable_dimensions`) so that
+        the masks keep more of the score, searched on the block's calibration scores. The
+        block computes the same function (checked on the first calibration batch); the
+        model's weights stay permuted, so a saved model needs nothing extra to load.
+    permute_seconds : float, default 2.0
+        Search time budget per permuted dimension (the search also stops at a local optimum).
     report : list, optional
         One :class:`LayerReport` per prunable layer is appended.
     progress : bool, default False
@@ -166,7 +190,8 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     ValueError
         For a bad pattern, method or score, empty calibration data, no blocks found, no
         layer that tiles, a ``layers`` name that is missing, not prunable or does not tile,
-        or a score that a layer type does not support (all before any work).
+        or a score that a layer type does not support, or ``permute`` with blocks that have
+        no permutable dimension (all before any work).
 
     See Also
     --------
@@ -199,6 +224,9 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     pattern = parse_pattern(pattern)
     method = resolve_method(method, pattern, transposable=transposable)
     check_score(score)
+    check_flag("permute", permute)
+    if permute:
+        check_budget(permute_seconds, None)
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration holds no batches; pass a list of model inputs (tensors or dicts)")
@@ -209,6 +237,10 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
         example = f" (e.g. {chosen[0][0]}: {chosen[0][2]})" if chosen else ""
         raise ValueError(f"no layer of the model tiles at {pattern}{' transposable' if transposable else ''}"
                          f"{example}; choose a smaller M, or other layers=")
+    if permute and not any(permutable_dimensions(block, prefix) for prefix, block in found):
+        raise ValueError(f"permute=True, but the blocks of {type(model).__name__} have no permutable dimension: "
+                         f"permutations know the MLPs and attention heads of Llama, GPT-2, BERT, OPT and GPT-NeoX "
+                         f"style blocks (transposable.permute.MLP_LAYOUTS, HEAD_LAYOUTS); prune without permute")
     was_training = model.training
     model.eval()
     bar = None
@@ -227,8 +259,8 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
                 dense_outputs = None
                 if dense is not None:
                     dense_outputs, dense = _dense_pass(block, targets[prefix], dense)
-                entries = _prune_block(block, targets[prefix], inputs, dense_outputs, pattern, transposable, method,
-                                       score, dampening, steps, lr)
+                entries = _prune_block(prefix, block, targets[prefix], inputs, dense_outputs, pattern, transposable,
+                                       method, score, dampening, steps, lr, permute_seconds if permute else None)
                 if report is not None:
                     report.extend(entries)
                 for j, (args, kwargs) in enumerate(inputs):  # the next block's inputs, in place
@@ -238,8 +270,11 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
                 if log_block is not None:
                     pruned = [e for e in entries if e.status == "pruned"]
                     errors = ", ".join(f"{e.name.rsplit('.', 1)[-1] or e.name} {e.error:.3g}" for e in pruned)
+                    gains = [e.permutation_gain for e in pruned if e.permutation_gain is not None]
+                    permuted = f"; permutations keep {100 * sum(gains) / len(gains):+.2f} % score" if gains else ""
                     log_block(f"block {index + 1}/{len(found)} ({prefix or 'model'}): {len(pruned)} layers pruned "
-                              f"in {time.perf_counter() - start:.1f} s; relative output error {errors or '-'}")
+                              f"in {time.perf_counter() - start:.1f} s; relative output error {errors or '-'}"
+                              f"{permuted}")
     finally:
         if bar is not None:
             bar.close()
@@ -499,6 +534,27 @@ class _InputStats:
         self.sum_squares = None  # Wanda
         self.hessian = None  # SparseGPT
 
+    def permute_inputs(self, positions):
+        """Reorder every statistic along the input features (``positions[i]``: the old
+        feature now at ``i``), keeping the order it had for :meth:`restore_inputs`."""
+        self.moves = getattr(self, "moves", []) + [positions]
+        self._reorder(positions)
+
+    def restore_inputs(self):
+        for positions in reversed(getattr(self, "moves", [])):
+            self._reorder(torch.argsort(positions))
+        self.moves = []
+
+    def _reorder(self, positions):
+        positions = positions.to(self.sample.device)
+        self.sample = self.sample.index_select(-1, positions)
+        self.inputs = [x.index_select(-1, positions) for x in self.inputs]
+        if self.sum_squares is not None:
+            self.sum_squares = self.sum_squares.index_select(0, positions.to(self.sum_squares.device))
+        if self.hessian is not None:
+            take = positions.to(self.hessian.device)
+            self.hessian = self.hessian.index_select(0, take).index_select(1, take)
+
     def add(self, x):
         x = x.detach()
         if self.sample is None:
@@ -530,7 +586,8 @@ def _dense_pass(block, targets, inputs):
     return outputs, following
 
 
-def _prune_block(block, targets, inputs, dense_outputs, pattern, transposable, method, score, dampening, steps, lr):
+def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transposable, method, score, dampening,
+                 steps, lr, permute_seconds):
     entries = [LayerReport(name, list(layer.weight.shape), f"left dense: {reason}")
                for name, layer, reason in targets if reason is not None]
     live = [(name, layer) for name, layer, reason in targets if reason is None]
@@ -543,11 +600,78 @@ def _prune_block(block, targets, inputs, dense_outputs, pattern, transposable, m
     finally:
         for handle in handles:
             handle.remove()
+    permutations = {}
+    if permute_seconds is not None:
+        permutations = _permute_block(prefix, block, inputs[0], stats, dense_outputs, pattern, transposable, score,
+                                      dampening, permute_seconds)
+        for entry in entries:
+            if entry.name in permutations:
+                entry.permutation = permutations[entry.name][2]
     for name, layer in live:
         targets_out = dense_outputs[name] if dense_outputs is not None else None
-        entries.append(_prune_layer(name, layer, stats[name], targets_out, pattern, transposable, method, score,
-                                    dampening, steps, lr))
+        entry = _prune_layer(name, layer, stats[name], targets_out, pattern, transposable, method, score, dampening,
+                             steps, lr)
+        if name in permutations:
+            entry.permutation_gain, entry.permutation_seconds, entry.permutation = permutations[name]
+        entries.append(entry)
     return entries
+
+
+def _permute_block(prefix, block, sample, stats, dense_outputs, pattern, transposable, score, dampening, seconds):
+    """Permute the block's permutable dimensions on the calibration scores of its layers,
+    and move the statistics of the layers' inputs (and AdaPrune's dense outputs) along.
+
+    The block's outputs on ``sample`` are compared before and after: a block whose layers
+    are named like a known layout but compute something else is put back as it was, with a
+    warning. Returns ``{layer name: (gain or None, search seconds, {"axis", "positions"})}``
+    for every permuted layer."""
+    args, kwargs = sample
+    before = _hidden(block(*args, **kwargs)).double()
+    scores = {name: _importance(kept.layer, kept, score, dampening) for name, kept in stats.items()}
+    done, permuted = [], {}
+    for dimension in permutable_dimensions(block, prefix):
+        report = permute_dimension(dimension, {name: scores[name] for name, *_ in dimension.members if name in scores},
+                                   pattern, transposable=transposable, seconds=seconds)
+        done.append((dimension, report.order))
+        for name, _, axis, index in dimension.members:
+            positions = torch.as_tensor(dimension.positions(report.order, index))
+            permuted[name] = (report.layers.get(name), report.seconds, {"axis": axis, "positions": positions.tolist()})
+            if axis == 1 and name in stats:
+                stats[name].permute_inputs(positions)
+            if axis == 0 and dense_outputs is not None and name in dense_outputs:
+                dense_outputs[name] = [y.index_select(-1, positions.to(y.device)) for y in dense_outputs[name]]
+    after = _hidden(block(*args, **kwargs)).double()
+    change = float((after - before).norm() / before.norm().clamp_min(1e-300))
+    if change > (1e-4 if before.dtype == torch.float32 or _dtype(block) == torch.float32 else 1e-2):
+        for dimension, order in reversed(done):
+            apply_permutation(dimension, np.argsort(order))
+        log.warning("block %s: the channel permutations changed its outputs (relative %.2g): its layers are named "
+                    "like a known layout but compute something else; it is pruned unpermuted", prefix or "model",
+                    change)
+        for name, kept in stats.items():
+            kept.restore_inputs()
+        return {}
+    return permuted
+
+
+def _dtype(module):
+    return next((p.dtype for p in module.parameters()), torch.float32)
+
+
+def _importance(layer, stats, score, dampening):
+    """The layer's weight importance as its score defines it, ``(out, in)``, float64: for
+    SparseGPT the saliency before any update, ``w**2 / [H^-1]_jj``."""
+    weight = linear_weight(layer).detach().double()
+    if score == "wanda":
+        return weight.abs() * (stats.sum_squares / max(stats.tokens, 1)).sqrt().to(weight)[None, :]
+    if score == "sparsegpt":
+        h = (stats.hessian / max(stats.tokens, 1)).clone()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1
+        h += dampening * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        return weight.pow(2) / torch.diag(inverse).to(weight)[None, :]
+    return weight.abs()
 
 
 def _prune_layer(name, layer, stats, dense_outputs, pattern, transposable, method, score, dampening, steps, lr):

@@ -1,0 +1,154 @@
+"""Numba kernels of the channel permutation search (no Python API here; see
+``transposable/permute.py``).
+
+The search permutes the rows of a score matrix ``A`` (D, K): ``order`` lists A's rows in
+their new positions, and every ``m`` consecutive positions form a *group*. A group's value
+is what the best mask keeps of its rows:
+
+- *tiles* (transposable masks): the sum over the ``K / m`` column blocks of the exact
+  transposable tile optimum (greedy warm start, then cycle canceling until Bellman-Ford
+  finds no improving cycle: the same kernels as ``cyclecanceling``);
+- *columns* (row-wise masks whose groups run along the permuted axis): the sum over the K
+  columns of the ``n`` largest of the group's ``m`` entries.
+
+The columns value is also an upper bound of the tiles value (a tile keeps ``n`` per column
+at most), cheap to compute, so the tiles search ranks candidate swaps by it and then
+decides with the exact value.
+"""
+import numpy as np
+from numba import prange
+
+from ._jit import jit
+from ._tile_kernels import cancel_negative_cycles, complete_tile, greedy_tile, order_entries
+
+
+@jit()
+def columns_value(A, rows, n):
+    """Sum over A's columns of the ``n`` largest of ``A[rows, k]``."""
+    m = rows.shape[0]
+    column = np.empty(m)
+    total = 0.0
+    for k in range(A.shape[1]):
+        for i in range(m):
+            column[i] = A[rows[i], k]
+        for t in range(n):  # partial selection sort: n passes over m entries
+            best = t
+            for i in range(t + 1, m):
+                if column[i] > column[best]:
+                    best = i
+            column[t], column[best] = column[best], column[t]
+            total += column[t]
+    return total
+
+
+@jit()
+def tiles_value(A, rows, n):
+    """Sum over A's column blocks of the exact transposable optimum of the tile
+    ``A[rows, block]``."""
+    m = rows.shape[0]
+    size = m * m
+    w = np.empty((m, m))
+    keep = np.empty((m, m), np.bool_)
+    row_count = np.empty(m, np.int64)
+    col_count = np.empty(m, np.int64)
+    flat = np.empty(size)
+    keys = np.empty(size, np.int64)
+    key_floats = np.empty(size, np.float32)
+    key_bits = key_floats.view(np.int32)
+    order = np.empty(size, np.int64)
+    hop_cost = np.empty((m, m))
+    kept_w = np.empty((m, m))
+    dropped_w = np.empty((m, m))
+    dist = np.empty(m)
+    pred = np.empty(m, np.int64)
+    relaxed = np.empty(m, np.bool_)
+    stamp = np.empty(m, np.int64)
+    changed = np.empty(m, np.bool_)
+    total = 0.0
+    for first in range(0, A.shape[1], m):
+        for i in range(m):
+            for j in range(m):
+                w[i, j] = A[rows[i], first + j]
+        keep[:] = False
+        row_count[:] = 0
+        col_count[:] = 0
+        order_entries(w, True, flat, keys, key_floats, key_bits, order)
+        if greedy_tile(w, n, keep, row_count, col_count, order) < n * m:
+            complete_tile(w, n, keep, row_count, col_count)
+        cancel_negative_cycles(w, keep, 1e-12 * w.max(), hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp,
+                               changed)
+        for i in range(m):
+            for j in range(m):
+                if keep[i, j]:
+                    total += w[i, j]
+    return total
+
+
+@jit()
+def group_value(A, rows, n, tiles):
+    return tiles_value(A, rows, n) if tiles else columns_value(A, rows, n)
+
+
+@jit(parallel=True)
+def group_values(A, order, m, n, tiles):
+    """The value of every group of ``order``, in parallel."""
+    groups = order.shape[0] // m
+    values = np.empty(groups)
+    for g in prange(groups):
+        values[g] = group_value(A, order[g * m:(g + 1) * m], n, tiles)
+    return values
+
+
+@jit(parallel=True)
+def improve_pairs(A, order, values, pairs, m, n, tiles, candidates, tol):
+    """Improve every pair of groups ``pairs[p] = (g, h)`` by single swaps of a row of g
+    with a row of h, in parallel (the pairs are disjoint, so each thread writes only its
+    own groups of ``order`` and ``values``).
+
+    Per round, every one of the ``m * m`` swaps is ranked by its gain in columns value;
+    the best ``candidates`` whose ranking gain is positive are then valued exactly (for
+    *columns* the ranking value is the exact one) and the best exact gain above ``tol`` is
+    applied. With ``candidates >= m * m`` every swap is valued exactly. Rounds repeat until
+    no swap gains. Returns the gain of every pair.
+    """
+    gains = np.zeros(pairs.shape[0])
+    for p in prange(pairs.shape[0]):
+        g, h = pairs[p, 0], pairs[p, 1]
+        rows_g = order[g * m:(g + 1) * m].copy()
+        rows_h = order[h * m:(h + 1) * m].copy()
+        trial_g = np.empty(m, np.int64)
+        trial_h = np.empty(m, np.int64)
+        ranking = np.empty(m * m)
+        bound_g, bound_h = columns_value(A, rows_g, n), columns_value(A, rows_h, n)
+        for _ in range(m * m):  # every applied swap gains, so this only bounds the work
+            for a in range(m):
+                for b in range(m):
+                    trial_g[:] = rows_g
+                    trial_h[:] = rows_h
+                    trial_g[a], trial_h[b] = rows_h[b], rows_g[a]
+                    ranking[a * m + b] = (columns_value(A, trial_g, n) + columns_value(A, trial_h, n)
+                                          - bound_g - bound_h)
+            ranked = np.argsort(-ranking)
+            best_gain, best = tol, -1
+            best_g, best_h = 0.0, 0.0
+            for c in range(min(candidates, m * m) if tiles else 1):
+                if candidates < m * m and ranking[ranked[c]] <= tol:  # the bound does not rise: skip the
+                    break  # exact valuation (all m * m candidates: every swap is valued)
+                a, b = ranked[c] // m, ranked[c] % m
+                trial_g[:] = rows_g
+                trial_h[:] = rows_h
+                trial_g[a], trial_h[b] = rows_h[b], rows_g[a]
+                value_g, value_h = group_value(A, trial_g, n, tiles), group_value(A, trial_h, n, tiles)
+                gain = value_g + value_h - values[g] - values[h]
+                if gain > best_gain:
+                    best_gain, best, best_g, best_h = gain, ranked[c], value_g, value_h
+            if best < 0:
+                break
+            a, b = best // m, best % m
+            rows_g[a], rows_h[b] = rows_h[b], rows_g[a]
+            gains[p] += best_gain
+            values[g], values[h] = best_g, best_h
+            bound_g, bound_h = columns_value(A, rows_g, n), columns_value(A, rows_h, n)
+        order[g * m:(g + 1) * m] = rows_g
+        order[h * m:(h + 1) * m] = rows_h
+    return gains
