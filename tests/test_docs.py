@@ -17,7 +17,8 @@ from numpydoc.validate import validate
 MODULES = [
     "transposable", "transposable.masks", "transposable.layout", "transposable.patterns",
     "transposable.diversity", "transposable.formats", "transposable.io", "transposable.convert",
-    "transposable.adaprune", "transposable.prune", "transposable.pretrained", "transposable.finetune", "transposable.nn",
+    "transposable.adaprune", "transposable.prune", "transposable.permute", "transposable.pretrained",
+    "transposable.finetune", "transposable.nn",
     "transposable.hf",
     "transposable.cli",
     "transposable.solvers", "transposable.solvers.rowwise", "transposable.solvers.greedy",

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import transposable as tp
-from transposable.permute import (apply_permutation, find_permutation, permutable_dimensions, permute_model,
-                                  search)
+from transposable.permute import (apply_permutation, canonical, find_permutation, permutable_dimensions,
+                                  permute_model, search)
 from transposable.prune import linear_weight, prune
 from transposable.solvers._permutation_kernels import columns_value, tiles_value
 
@@ -102,6 +102,19 @@ def test_finds_the_planted_grouping():
     order, value, _, converged = search(A, 1, 2, tiles=False, seconds=10)
     assert converged and value == 8 * 9 * 4  # every heavy entry kept
     assert all({tuple(A[order[g]]), tuple(A[order[g + 1]])} == {tuple(x), tuple(y)} for g in range(0, 8, 2))
+
+
+def test_canonical_order_keeps_the_grouping_and_its_value():
+    rng = np.random.default_rng(4)
+    A = random_scores(rng, (32, 16), "gaussian")
+    order = rng.permutation(32)
+    ordered = canonical(order, 4)
+    assert {frozenset(g) for g in order.reshape(-1, 4)} == {frozenset(g) for g in ordered.reshape(-1, 4)}
+    groups = ordered.reshape(-1, 4)
+    assert (np.diff(groups, axis=1) > 0).all() and (np.diff(groups[:, 0]) > 0).all()
+    for tiles in (True, False):
+        value = lambda o: search(A, 2, 4, tiles=tiles, seconds=1e-9, start=o)[1]  # noqa: E731
+        assert value(ordered) == pytest.approx(value(order), rel=1e-12)
 
 
 def test_same_seed_and_rounds_give_the_same_permutation_and_other_seeds_explore():

@@ -41,7 +41,7 @@ class Permutation:
     ``scores[rows][:, columns]`` is the permuted score matrix (NumPy indexing; for a
     tensor, ``scores[rows][:, columns]`` too).
 
-    Attributes
+    Parameters
     ----------
     rows, columns : ndarray of int64
         The permutations (``rows[i]`` is the original row placed at position ``i``).
@@ -137,7 +137,9 @@ def find_permutation(scores, pattern, *, transposable=True, rows=True, columns=T
     when the exact objective rises. Every pair of a round is disjoint, so a round runs in
     parallel. Once a whole tournament gains nothing, every swap is valued exactly; when
     such a tournament gains nothing, the search has converged to a local optimum: no swap
-    of two rows from different groups gains. For transposable tiles the row and column searches
+    of two rows from different groups gains. The result is returned in :func:`canonical`
+    order (the groups by their first index, each group sorted), which moves as little as
+    its grouping needs. For transposable tiles the row and column searches
     alternate, each on the other's result.
 
     Cost per round: ``D / m`` pairs, each ranking ``m**2`` swaps in ``O(K m n)`` and valuing
@@ -189,7 +191,7 @@ def find_permutation(scores, pattern, *, transposable=True, rows=True, columns=T
         total_rounds += rounds
         improved = value > kept * (1 + 1e-12)
         if value >= kept:
-            orders[axis], kept = order, value
+            orders[axis], kept = canonical(order, m), value
         settled = (settled + 1 if not improved else 1) if converged else 0
     draws = [_kept(matrix[rng.permutation(matrix.shape[0]) if rows else slice(None)]
                    [:, rng.permutation(matrix.shape[1]) if columns else slice(None)], n, m, transposable)
@@ -236,9 +238,11 @@ def search(A, n, m, *, tiles, seconds, max_rounds=None, rng=None, start=None):
     Examples
     --------
     >>> A = np.array([[9., 8, 0, 0], [9, 8, 0, 0], [0, 0, 9, 8], [0, 0, 9, 8]] * 2)
+    >>> search(A, 1, 2, tiles=False, seconds=1e-9, start=np.arange(8))[1]  # no time for a round: as given
+    68.0
     >>> order, value, rounds, converged = search(A, 1, 2, tiles=False, seconds=1.0)
     >>> value, converged
-    (68.0, True)
+    (136.0, True)
     """
     from .solvers._jit import announce_compile, is_compiled
     from .solvers._permutation_kernels import group_values, improve_pairs
@@ -278,6 +282,42 @@ def search(A, n, m, *, tiles, seconds, max_rounds=None, rng=None, start=None):
         rounds += 1
     converged = not schedule or (quiet >= len(schedule) and (candidates >= m * m or not tiles))
     return order, float(values.sum()), rounds, converged
+
+
+def canonical(order, m, priority=None):
+    """The same grouping with the least movement: each group's coordinates in increasing
+    order, the groups by their first coordinate.
+
+    What a mask keeps depends on which coordinates share a group, not on where the groups
+    or their members lie; but an engine that walks the coordinates in order (SparseGPT
+    prunes the columns of a layer left to right, spreading each error to the columns still
+    to come) should see them in an order close to the model's own.
+
+    Parameters
+    ----------
+    order : ndarray of int
+        A permutation whose consecutive ``m`` positions form the groups.
+    m : int
+        The group size.
+    priority : ndarray, optional
+        A weight per coordinate: the groups are then placed by decreasing total weight
+        (ties by their first coordinate).
+
+    Returns
+    -------
+    ndarray of int64
+        The canonical permutation with the same groups.
+
+    Examples
+    --------
+    >>> canonical(np.array([7, 2, 5, 0, 6, 1, 3, 4]), 2)
+    array([0, 5, 1, 6, 2, 7, 3, 4])
+    """
+    groups = np.sort(np.asarray(order, dtype=np.int64).reshape(-1, m), axis=1)
+    groups = groups[np.argsort(groups[:, 0], kind="stable")]
+    if priority is not None:
+        groups = groups[np.argsort(-np.asarray(priority)[groups].sum(axis=1), kind="stable")]
+    return groups.reshape(-1)
 
 
 def _round_robin(groups, rng):
@@ -332,8 +372,19 @@ def _score_matrix(scores):
 
 
 def check_budget(seconds, max_rounds):
-    """Raise ``ValueError`` unless ``seconds`` is positive and ``max_rounds`` a positive
-    integer or None.
+    """Raise ``ValueError`` unless a search budget is valid.
+
+    Parameters
+    ----------
+    seconds : float
+        Must be positive.
+    max_rounds : int or None
+        A positive integer, or None.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument and its value.
 
     Examples
     --------
@@ -375,7 +426,7 @@ HEAD_LAYOUTS = (
 class Dimension:
     """A dimension of a model that can be permuted without changing its outputs.
 
-    Attributes
+    Parameters
     ----------
     name : str
         The module holding it and what it is: ``"model.layers.0.mlp (mlp)"`` for an MLP's
@@ -408,8 +459,26 @@ class Dimension:
     members: list
 
     def positions(self, order, axis_index):
-        """Where each position of a member's axis takes its entry from, once the dimension
-        is permuted by ``order`` (``order[i]``: the coordinate placed at ``i``)."""
+        """Where each position of a member's axis takes its entry from.
+
+        Parameters
+        ----------
+        order : ndarray of int
+            The dimension's permutation (``order[i]``: the coordinate placed at ``i``).
+        axis_index : ndarray of int
+            A member's ``index``.
+
+        Returns
+        -------
+        ndarray of int64
+            ``positions[p]``: the old position whose entry moves to ``p``.
+
+        Examples
+        --------
+        >>> dim = Dimension("values", 4, 2, [])
+        >>> dim.positions(np.array([1, 0, 2, 3]), np.array([-1, 0, 1, 2, 3, 0, 1]))
+        array([0, 2, 1, 3, 4, 6, 5])
+        """
         moved = np.arange(len(axis_index))
         inside = axis_index >= 0
         moved[inside] += order[axis_index[inside]] - axis_index[inside]
@@ -420,7 +489,7 @@ class Dimension:
 class DimensionReport:
     """What :func:`permute_dimension` did.
 
-    Attributes
+    Parameters
     ----------
     name : str
         The dimension (:attr:`Dimension.name`).
@@ -435,6 +504,8 @@ class DimensionReport:
         Search time.
     converged : bool
         Every block of the dimension reached a local optimum.
+    order : ndarray of int64, optional
+        The permutation applied (``order[i]``: the coordinate placed at ``i``).
 
     Examples
     --------
@@ -555,8 +626,7 @@ def _heads(attention, config):
 
 
 def apply_permutation(dimension, order):
-    """Permute a dimension of a model in place: its writers' rows (and biases), its
-    readers' columns.
+    """Permute a dimension of a model in place: its writers' rows and biases, readers' columns.
 
     Parameters
     ----------
@@ -618,7 +688,31 @@ def dimension_scores(dimension, scores, transposable):
     side), each divided by its mean so that every layer weighs alike. For row-wise masks
     only the readers count: a writer's groups run along its inputs, which do not move.
 
-    Returns ``(A, tiles)``, or ``(None, tiles)`` when no scored member counts."""
+    Parameters
+    ----------
+    dimension : Dimension
+        From :func:`permutable_dimensions`.
+    scores : dict
+        Layer name -> non-negative scores ``(out, in)`` of the members to count.
+    transposable : bool
+        Transposable tiles or row-wise groups.
+
+    Returns
+    -------
+    A : ndarray or None, shape (dimension.size, K)
+        None when no scored member counts.
+    tiles : bool
+        Whether groups are valued by transposable tiles (else by row-wise groups along the
+        dimension).
+
+    Examples
+    --------
+    >>> import torch
+    >>> mlp = torch.nn.ModuleDict({"fc1": torch.nn.Linear(4, 8), "fc2": torch.nn.Linear(8, 4)})
+    >>> A, tiles = dimension_scores(permutable_dimensions(mlp)[0], {"fc2": np.ones((4, 8))}, False)
+    >>> A.shape, tiles
+    ((8, 4), False)
+    """
     tiles = bool(transposable)
     parts = []
     for name, module, axis, index in dimension.members:
@@ -633,9 +727,9 @@ def dimension_scores(dimension, scores, transposable):
     return (np.hstack(parts) if parts else None), tiles
 
 
-def permute_dimension(dimension, scores, pattern, *, transposable=True, seconds=2.0, max_rounds=None, seed=0):
-    """Search and apply the permutation of one dimension that lets its layers' masks keep
-    the most score.
+def permute_dimension(dimension, scores, pattern, *, transposable=True, seconds=2.0, max_rounds=None, seed=0,
+                      priority=None):
+    """Search and apply the permutation of one dimension that lets its layers' masks keep more.
 
     Parameters
     ----------
@@ -654,6 +748,9 @@ def permute_dimension(dimension, scores, pattern, *, transposable=True, seconds=
         Round budget per block (reproducible results).
     seed : int, default 0
         Seeds the search and the random control.
+    priority : ndarray, shape (dimension.size,), optional
+        A weight per coordinate: the groups found are placed by decreasing total weight
+        (see :func:`canonical`), for engines that walk the dimension in order.
 
     Returns
     -------
@@ -666,7 +763,7 @@ def permute_dimension(dimension, scores, pattern, *, transposable=True, seconds=
     >>> _ = torch.manual_seed(0)
     >>> mlp = torch.nn.ModuleDict({"fc1": torch.nn.Linear(8, 16), "fc2": torch.nn.Linear(16, 8)})
     >>> dim = permutable_dimensions(mlp)[0]
-    >>> report = permute_dimension(dim, {"fc2": mlp["fc2"].weight.abs()}, "2:4", transposable=False)
+    >>> report = permute_dimension(dim, {"fc2": mlp["fc2"].weight.abs()}, "2:4", transposable=False, max_rounds=5)
     >>> report.gain >= 0
     True
     """
@@ -686,7 +783,7 @@ def permute_dimension(dimension, scores, pattern, *, transposable=True, seconds=
         left = seconds - (time.perf_counter() - start)
         found, _, _, done = search(A[rows], n, m, tiles=tiles, seconds=max(left, 1e-9) / (blocks - b),
                                    max_rounds=max_rounds, rng=rng)
-        order[rows] = found + b * dimension.block
+        order[rows] = canonical(found, m, None if priority is None else priority[rows]) + b * dimension.block
         converged &= done
     shuffled = np.concatenate([rng.permutation(dimension.block) + b * dimension.block for b in range(blocks)])
     value = lambda o: _group_total(A[o], n, m, tiles)  # noqa: E731
@@ -715,9 +812,10 @@ def _group_total(A, n, m, tiles):
 def permute_model(model, pattern, *, transposable=True, seconds=2.0, max_rounds=None, seed=0, layers=None):
     """Permute every permutable dimension of a model for magnitude masks, in place.
 
-    For a model to be masked without calibration data (``transposable convert``,
-    ``sparsify``); :func:`transposable.prune.prune` with ``permute=True`` searches on the
-    calibration scores instead. The model's outputs do not change.
+    For a model about to be masked by magnitude without calibration data (before
+    ``tp.nn.sparsify``, or before saving it for ``transposable convert``);
+    :func:`transposable.prune.prune` with ``permute=True`` searches on calibration scores
+    instead. The model's outputs do not change.
 
     Parameters
     ----------
