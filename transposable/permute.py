@@ -285,8 +285,7 @@ def search(A, n, m, *, tiles, seconds, max_rounds=None, rng=None, start=None):
 
 
 def canonical(order, m, priority=None):
-    """The same grouping with the least movement: each group's coordinates in increasing
-    order, the groups by their first coordinate.
+    """The same grouping, moved as little as it needs: members sorted, groups by first member.
 
     What a mask keeps depends on which coordinates share a group, not on where the groups
     or their members lie; but an engine that walks the coordinates in order (SparseGPT
