@@ -197,8 +197,8 @@ def _build_parser():
     prune.add_argument("--permute", action="store_true",
                        help="permute each block's MLP hidden channels and attention value channels before masking, "
                             "so that the masks keep more (the model's outputs do not change)")
-    prune.add_argument("--permute-seconds", type=float, default=2.0, metavar="S",
-                       help="search budget per permuted dimension (default 2.0)")
+    prune.add_argument("--permute-seconds", type=float, default=1.0, metavar="S",
+                       help="search budget per permuted dimension (default 1.0)")
     prune.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the new model folder")
     prune.add_argument("--force", action="store_true", help="replace an existing output folder")
     prune.set_defaults(run=_prune)

@@ -726,7 +726,7 @@ def dimension_scores(dimension, scores, transposable):
     return (np.hstack(parts) if parts else None), tiles
 
 
-def permute_dimension(dimension, scores, pattern, *, transposable=True, seconds=2.0, max_rounds=None, seed=0,
+def permute_dimension(dimension, scores, pattern, *, transposable=True, seconds=1.0, max_rounds=None, seed=0,
                       priority=None):
     """Search and apply the permutation of one dimension that lets its layers' masks keep more.
 
@@ -741,7 +741,7 @@ def permute_dimension(dimension, scores, pattern, *, transposable=True, seconds=
         The N:M pattern.
     transposable : bool, default True
         Transposable tiles or row-wise groups.
-    seconds : float, default 2.0
+    seconds : float, default 1.0
         Search time budget for the whole dimension (shared by its blocks).
     max_rounds : int, optional
         Round budget per block (reproducible results).
@@ -808,7 +808,7 @@ def _group_total(A, n, m, tiles):
     return float(group_values(np.ascontiguousarray(A), np.arange(A.shape[0]), m, n, tiles).sum())
 
 
-def permute_model(model, pattern, *, transposable=True, seconds=2.0, max_rounds=None, seed=0, layers=None):
+def permute_model(model, pattern, *, transposable=True, seconds=1.0, max_rounds=None, seed=0, layers=None):
     """Permute every permutable dimension of a model for magnitude masks, in place.
 
     For a model about to be masked by magnitude without calibration data (before
@@ -824,7 +824,7 @@ def permute_model(model, pattern, *, transposable=True, seconds=2.0, max_rounds=
         The N:M pattern the masks will have.
     transposable : bool, default True
         Transposable tiles or row-wise groups.
-    seconds : float, default 2.0
+    seconds : float, default 1.0
         Search budget per dimension.
     max_rounds : int, optional
         Round budget per block of a dimension.

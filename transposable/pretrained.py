@@ -25,7 +25,7 @@ REPORT_NAME = "pruning_report.json"
 
 
 def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposable=True, score="sparsegpt",
-                     method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=2.0, force=False,
+                     method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=1.0, force=False,
                      progress=False, log_block=None):
     """Prune a Hugging Face causal language model folder into a new folder.
 
@@ -55,7 +55,7 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     permute : bool, default False
         Permute channels before masking (:func:`transposable.prune.prune`); the folder then
         holds the permuted weights, which compute what the originals did.
-    permute_seconds : float, default 2.0
+    permute_seconds : float, default 1.0
         Search budget per permuted dimension.
     force : bool, default False
         Replace an existing ``output``.

@@ -129,7 +129,7 @@ class LayerReport:
 
 
 def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", method="auto", blocks=None,
-          layers=None, dampening=0.01, steps=200, lr=1e-3, permute=False, permute_seconds=2.0, report=None,
+          layers=None, dampening=0.01, steps=200, lr=1e-3, permute=False, permute_seconds=1.0, report=None,
           progress=False, log_block=None):
     """Prune a trained model's layers to N:M with calibration data, one block at a time.
 
@@ -173,7 +173,7 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
         model's weights stay permuted, so a saved model needs nothing extra to load. For
         SparseGPT, which prunes a layer's inputs in order, the groups of a permuted input
         dimension are placed heaviest first (by the Hessian's diagonal).
-    permute_seconds : float, default 2.0
+    permute_seconds : float, default 1.0
         Search time budget per permuted dimension (the search also stops at a local optimum).
     report : list, optional
         One :class:`LayerReport` per prunable layer is appended.
