@@ -24,7 +24,7 @@ one of the 5,775 groupings into three groups of four is valued (brute force, the
 objective), beside the search run to convergence.
 
 Setup: as ``examples/smollm2_folder.py`` says, plus ``pip install --no-deps gensim`` (the text).
-Run: python benchmarks/bench_permute.py [--blocks 0 10 20 29] [--seconds 2] [--workdir DIR] [--global-check]
+Run: python benchmarks/bench_permute.py [--blocks 0 10 20 29] [--seconds 1] [--workdir DIR] [--global-check]
 """
 import argparse
 import os
@@ -173,7 +173,7 @@ def global_check(scores, trials=8, seed=0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 10, 20, 29])
-    parser.add_argument("--seconds", type=float, default=2.0, help="search budget per dimension (default 2)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="search budget per dimension (default 1, as prune)")
     parser.add_argument("--apex-seconds", type=float, nargs="+", default=[2.0, 10.0, 30.0])
     parser.add_argument("--workdir", help="keep the model folder and texts here (default: a temporary folder)")
     parser.add_argument("--global-check", action="store_true", help="only the search against the global optimum")

@@ -625,9 +625,8 @@ def _permute_block(prefix, block, sample, stats, dense_outputs, pattern, transpo
 
     For SparseGPT the groups are placed by decreasing second moment of the inputs of the
     layers that read the dimension (the Hessian's diagonal, as GPTQ's "act order"): SparseGPT
-    prunes a layer's inputs in order and spreads each error over those still to come, and
-    on SmolLM2 at transposable 2:4 that order gave perplexity 194.8 where the groups in their
-    original order gave 200.3 (and the unpermuted model 213.9).
+    prunes a layer's inputs in order and spreads each error over those still to come, so the
+    order matters as much as the grouping (benchmarks/README.md, issue 17).
 
     The block's outputs on ``sample`` are compared before and after: a block whose layers
     are named like a known layout but compute something else is put back as it was, with a
