@@ -18,19 +18,15 @@ from transposable.permute import (apply_permutation, canonical, find_permutation
 from transposable.prune import linear_weight, prune
 from transposable.solvers._permutation_kernels import columns_value, tiles_value
 
+from checks import brute_force_best
+
 transformers = pytest.importorskip("transformers")
-
-
-def tile_patterns(n, m):
-    """Every m x m 0/1 matrix with n ones in each row and column, by brute force."""
-    rows = [row for row in itertools.product([0, 1], repeat=m) if sum(row) == n]
-    return np.array([p for p in itertools.product(rows, repeat=m) if (np.array(p).sum(axis=0) == n).all()], float)
+from test_hf_models import tiny_bert  # noqa: E402  (the same tiny models as the other tests)
+from test_prune import tiny_gpt2, tiny_llama  # noqa: E402
 
 
 def brute_tiles_value(A, rows, n, m):
-    patterns = tile_patterns(n, m)
-    return sum(float(np.max((patterns * A[np.ix_(rows, range(b, b + m))]).sum(axis=(1, 2))))
-               for b in range(0, A.shape[1], m))
+    return sum(brute_force_best(A[np.ix_(rows, range(b, b + m))], n) for b in range(0, A.shape[1], m))
 
 
 def random_scores(rng, shape, kind):
@@ -151,27 +147,6 @@ def test_bad_input_is_named(kwargs, error, match):
     arguments = {"scores": np.ones((8, 8)), "pattern": "2:4", **kwargs}
     with pytest.raises(error, match=match):
         find_permutation(arguments.pop("scores"), arguments.pop("pattern"), **arguments)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, max_position_embeddings=64, num_labels=2)
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def with_random_biases(model):
