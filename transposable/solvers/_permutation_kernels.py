@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit
-from ._tile_kernels import cancel_negative_cycles, complete_tile, greedy_tile, order_entries
+from ._tile_kernels import solve_tile, tile_scratch
 
 
 @jit()
@@ -46,37 +46,14 @@ def tiles_value(A, rows, n):
     """Sum over A's column blocks of the exact transposable optimum of the tile
     ``A[rows, block]``."""
     m = rows.shape[0]
-    size = m * m
     w = np.empty((m, m))
-    keep = np.empty((m, m), np.bool_)
-    row_count = np.empty(m, np.int64)
-    col_count = np.empty(m, np.int64)
-    flat = np.empty(size)
-    keys = np.empty(size, np.int64)
-    key_floats = np.empty(size, np.float32)
-    key_bits = key_floats.view(np.int32)
-    order = np.empty(size, np.int64)
-    hop_cost = np.empty((m, m))
-    kept_w = np.empty((m, m))
-    dropped_w = np.empty((m, m))
-    dist = np.empty(m)
-    pred = np.empty(m, np.int64)
-    relaxed = np.empty(m, np.bool_)
-    stamp = np.empty(m, np.int64)
-    changed = np.empty(m, np.bool_)
+    scratch = tile_scratch(m)
     total = 0.0
     for first in range(0, A.shape[1], m):
         for i in range(m):
             for j in range(m):
                 w[i, j] = A[rows[i], first + j]
-        keep[:] = False
-        row_count[:] = 0
-        col_count[:] = 0
-        order_entries(w, True, flat, keys, key_floats, key_bits, order)
-        if greedy_tile(w, n, keep, row_count, col_count, order) < n * m:
-            complete_tile(w, n, keep, row_count, col_count)
-        cancel_negative_cycles(w, keep, 1e-12 * w.max(), hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp,
-                               changed)
+        keep = solve_tile(w, n, 0, True, True, scratch)
         for i in range(m):
             for j in range(m):
                 if keep[i, j]:

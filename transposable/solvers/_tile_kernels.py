@@ -295,47 +295,52 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
         canceled += 1
 
 
+@jit()
+def tile_scratch(m):
+    """The work arrays of :func:`solve_tile` for ``m x m`` tiles, allocated once per thread."""
+    size = m * m
+    key_floats = np.empty(size, np.float32)
+    return (np.empty((m, m), np.bool_), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(size),
+            np.empty(size, np.int64), key_floats, key_floats.view(np.int32), np.empty(size, np.int64),
+            np.empty((m, m)), np.empty((m, m)), np.empty((m, m)), np.empty(m), np.empty(m, np.int64),
+            np.empty(m, np.bool_), np.empty(m, np.int64), np.empty(m, np.bool_))
+
+
+@jit()
+def solve_tile(w, n, rounds, exact, float64_order, scratch):
+    """Greedy, completion, up to ``rounds`` 2-opt passes and, if ``exact``, cycle canceling
+    on one tile ``w`` (float64, non-negative); returns its mask (an array of ``scratch``).
+    ``float64_order`` orders entries in float64 rather than by float32 keys."""
+    (keep, row_count, col_count, flat, keys, key_floats, key_bits, order, hop_cost, kept_w, dropped_w, dist, pred,
+     relaxed, stamp, changed) = scratch
+    m = w.shape[0]
+    keep[:] = False
+    row_count[:] = 0
+    col_count[:] = 0
+    order_entries(w, float64_order, flat, keys, key_floats, key_bits, order)
+    if greedy_tile(w, n, keep, row_count, col_count, order) < n * m:
+        complete_tile(w, n, keep, row_count, col_count)
+    tol = 1e-12 * w.max()  # far above float64 rounding of an m-hop cycle
+    if rounds > 0:
+        two_opt_tile(w, keep, rounds, tol, hop_cost, kept_w, dropped_w, changed)
+    if exact:
+        cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp, changed)
+    return keep
+
+
 @jit(parallel=True)
 def solve_grid(grid, n, rounds, exact, float64_order):
-    """Greedy, completion, up to ``rounds`` 2-opt passes and, if ``exact``, cycle
-    canceling on every tile of the grid, in parallel over rows of tiles. ``float64_order``
-    (for float64 grids) orders entries in float64 rather than by float32 keys."""
+    """:func:`solve_tile` on every tile of the grid, in parallel over rows of tiles.
+    ``float64_order`` (for float64 grids) orders entries in float64 rather than by float32
+    keys."""
     tiles_down, m, tiles_across, _ = grid.shape
     out = np.zeros(grid.shape, np.bool_)
-    size = m * m
     for a in prange(tiles_down):
         w = np.empty((m, m))
-        keep = np.empty((m, m), np.bool_)
-        row_count = np.empty(m, np.int64)
-        col_count = np.empty(m, np.int64)
-        flat = np.empty(size)
-        keys = np.empty(size, np.int64)
-        key_floats = np.empty(size, np.float32)
-        key_bits = key_floats.view(np.int32)
-        order = np.empty(size, np.int64)
-        hop_cost = np.empty((m, m))
-        kept_w = np.empty((m, m))
-        dropped_w = np.empty((m, m))
-        dist = np.empty(m)
-        pred = np.empty(m, np.int64)
-        relaxed = np.empty(m, np.bool_)
-        stamp = np.empty(m, np.int64)
-        changed = np.empty(m, np.bool_)
+        scratch = tile_scratch(m)
         for b in range(tiles_across):
             load_tile(grid, a, b, w)
-            keep[:] = False
-            row_count[:] = 0
-            col_count[:] = 0
-            order_entries(w, float64_order, flat, keys, key_floats, key_bits, order)
-            if greedy_tile(w, n, keep, row_count, col_count, order) < n * m:
-                complete_tile(w, n, keep, row_count, col_count)
-            tol = 1e-12 * w.max()  # far above float64 rounding of an m-hop cycle
-            if rounds > 0:
-                two_opt_tile(w, keep, rounds, tol, hop_cost, kept_w, dropped_w, changed)
-            if exact:
-                cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed,
-                                       stamp, changed)
-            store_tile(keep, out, a, b)
+            store_tile(solve_tile(w, n, rounds, exact, float64_order, scratch), out, a, b)
     return out
 
 
