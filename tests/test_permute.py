@@ -54,7 +54,7 @@ def test_group_values_match_brute_force(kind, n, m):
 def test_result_is_a_permutation_and_its_kept_score_is_what_the_exact_mask_keeps(transposable, pattern):
     rng = np.random.default_rng(1)
     scores = random_scores(rng, (32, 48), "gaussian")
-    result = find_permutation(scores, pattern, transposable=transposable, max_rounds=30)
+    result = find_permutation(scores, pattern, transposable=transposable, max_rounds=30, seconds=60)
     assert sorted(result.rows) == list(range(32)) and sorted(result.columns) == list(range(48))
     if not transposable:
         assert list(result.rows) == list(range(32))  # rows do not matter to row-wise groups
@@ -115,9 +115,9 @@ def test_canonical_order_keeps_the_grouping_and_its_value():
 
 def test_same_seed_and_rounds_give_the_same_permutation_and_other_seeds_explore():
     scores = random_scores(np.random.default_rng(3), (64, 64), "gaussian")
-    first = find_permutation(scores, "2:4", max_rounds=5, seed=7)
-    again = find_permutation(scores, "2:4", max_rounds=5, seed=7)
-    other = find_permutation(scores, "2:4", max_rounds=5, seed=8)
+    first = find_permutation(scores, "2:4", max_rounds=5, seed=7, seconds=60)
+    again = find_permutation(scores, "2:4", max_rounds=5, seed=7, seconds=60)
+    other = find_permutation(scores, "2:4", max_rounds=5, seed=8, seconds=60)
     assert np.array_equal(first.rows, again.rows) and np.array_equal(first.columns, again.columns)
     assert first.kept == again.kept
     assert not (np.array_equal(first.rows, other.rows) and np.array_equal(first.columns, other.columns))
@@ -125,9 +125,9 @@ def test_same_seed_and_rounds_give_the_same_permutation_and_other_seeds_explore(
 
 def test_torch_scores_and_fixed_axes():
     scores = torch.rand(16, 16, dtype=torch.float64)
-    only_columns = find_permutation(scores, "2:4", rows=False, max_rounds=10)
+    only_columns = find_permutation(scores, "2:4", rows=False, max_rounds=10, seconds=60)
     assert list(only_columns.rows) == list(range(16)) and sorted(only_columns.columns) == list(range(16))
-    only_rows = find_permutation(scores, "2:4", columns=False, max_rounds=10)
+    only_rows = find_permutation(scores, "2:4", columns=False, max_rounds=10, seconds=60)
     assert list(only_rows.columns) == list(range(16)) and only_rows.kept >= only_rows.kept_identity
 
 
@@ -174,7 +174,7 @@ def test_model_permutations_change_no_output(make, expected, transposable):
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     dimensions = permutable_dimensions(model)
     assert [d.name for d in dimensions][:2] == expected and len(dimensions) == 4
-    reports = permute_model(model, "2:4", transposable=transposable, max_rounds=20)
+    reports = permute_model(model, "2:4", transposable=transposable, max_rounds=20, seconds=60)
     with torch.no_grad():
         after = model(input_ids=TOKENS).logits.double()
     assert float((after - before).norm() / before.norm()) <= 1e-5

@@ -171,10 +171,11 @@ def find_permutation(scores, pattern, *, transposable=True, rows=True, columns=T
             raise ValueError(f"scores dimension '{('out', 'in')[axis]}' (axis {axis}) has size {matrix.shape[axis]}, "
                              f"not a multiple of m={m}; pass a matrix whose {'dimensions' if transposable else 'rows'} "
                              f"tile")
+    _compile()
+    identity = kept = _kept(matrix, n, m, transposable)
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     orders = [np.arange(matrix.shape[0]), np.arange(matrix.shape[1])]
-    identity = kept = _kept(matrix, n, m, transposable)
     axes = [axis for axis, wanted in ((0, rows), (1, columns)) if wanted]
     total_rounds, settled, searched = 0, 0, set()
     # Alternate the axes, each searched on the other's latest order, until a search that
@@ -244,25 +245,20 @@ def search(A, n, m, *, tiles, seconds, max_rounds=None, rng=None, start=None):
     >>> value, converged
     (136.0, True)
     """
-    from .solvers._jit import announce_compile, is_compiled
     from .solvers._permutation_kernels import group_values, improve_pairs
 
     A = np.ascontiguousarray(A, dtype=np.float64)
     rng = np.random.default_rng(0) if rng is None else rng
     groups = A.shape[0] // m
-    tiny = (np.zeros((2, 1)), np.arange(2), np.zeros(2), np.array([[0, 1]]), 1, 1, tiles, 1, 0.0)
-    if not is_compiled(improve_pairs, tiny):
-        with announce_compile("permutation search"):  # before the clock starts: not the search's time
-            improve_pairs(*tiny)
+    _compile()
     begin = time.perf_counter()
-    with announce_compile("permutation search", not is_compiled(group_values, (A, np.arange(1), m, n, tiles))):
-        if start is not None:
-            order = np.array(start, dtype=np.int64)
-            values = group_values(A, order, m, n, tiles)
-        else:
-            candidates = [np.arange(A.shape[0]), _balanced_deal(A, m)]
-            scored = [(group_values(A, order, m, n, tiles), order) for order in candidates]
-            values, order = max(scored, key=lambda pair: pair[0].sum())
+    if start is not None:
+        order = np.array(start, dtype=np.int64)
+        values = group_values(A, order, m, n, tiles)
+    else:
+        candidates = [np.arange(A.shape[0]), _balanced_deal(A, m)]
+        scored = [(group_values(A, order, m, n, tiles), order) for order in candidates]
+        values, order = max(scored, key=lambda pair: pair[0].sum())
     schedule = _round_robin(groups, rng)
     tol = 1e-12 * max(float(values.sum()), 1e-300)
     # Tiles: swaps ranked by their bound, a few valued exactly; once a whole tournament
@@ -282,6 +278,19 @@ def search(A, n, m, *, tiles, seconds, max_rounds=None, rng=None, start=None):
         rounds += 1
     converged = not schedule or (quiet >= len(schedule) and (candidates >= m * m or not tiles))
     return order, float(values.sum()), rounds, converged
+
+
+def _compile():
+    """Compile (or load) the search kernels before any clock starts: a first run in a new
+    checkout compiles for seconds, which is no search's time."""
+    from .solvers._jit import announce_compile, is_compiled
+    from .solvers._permutation_kernels import group_values, improve_pairs
+
+    tiny = (np.zeros((2, 1)), np.arange(2), np.zeros(2), np.array([[0, 1]]), 1, 1, True, 1, 0.0)
+    if not (is_compiled(improve_pairs, tiny) and is_compiled(group_values, (tiny[0], tiny[1], 1, 1, True))):
+        with announce_compile("permutation search"):
+            improve_pairs(*tiny)
+            group_values(tiny[0], tiny[1], 1, 1, True)
 
 
 def canonical(order, m, priority=None):
