@@ -356,12 +356,15 @@ def _balanced_deal(A, m):
 
 
 def _kept(matrix, n, m, transposable):
-    """Total score the best mask keeps of ``matrix`` (float64)."""
+    """Total score the best mask keeps of ``matrix`` (out, in), float64."""
+    return _group_total(matrix if transposable else matrix.T, n, m, transposable)
+
+
+def _group_total(A, n, m, tiles):
+    """Total value of the groups of ``m`` consecutive rows of ``A``."""
     from .solvers._permutation_kernels import group_values
 
-    if transposable:
-        return float(group_values(np.ascontiguousarray(matrix), np.arange(matrix.shape[0]), m, n, True).sum())
-    return float(group_values(np.ascontiguousarray(matrix.T), np.arange(matrix.shape[1]), m, n, False).sum())
+    return float(group_values(np.ascontiguousarray(A), np.arange(A.shape[0]), m, n, tiles).sum())
 
 
 def _score_matrix(scores):
@@ -809,12 +812,6 @@ def permute_dimension(dimension, scores, pattern, *, transposable=True, seconds=
         layers[name] = _kept(after, n, m, transposable) / before_kept - 1 if before_kept > 0 else 0.0
     return DimensionReport(dimension.name, layers, permuted / identity - 1, random / identity - 1,
                            time.perf_counter() - start, converged, order)
-
-
-def _group_total(A, n, m, tiles):
-    from .solvers._permutation_kernels import group_values
-
-    return float(group_values(np.ascontiguousarray(A), np.arange(A.shape[0]), m, n, tiles).sum())
 
 
 def permute_model(model, pattern, *, transposable=True, seconds=1.0, max_rounds=None, seed=0, layers=None):

@@ -119,18 +119,21 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         layers = []
         prune(model, batches, pattern, transposable=transposable, score=score, method=method, permute=permute,
               permute_seconds=permute_seconds, report=layers, progress=progress, log_block=log_block)
-        pruned = [layer for layer in layers if layer.status == "pruned"]
         metadata = {**mask_metadata(pattern, transposable, method), "transposable.score": score}
         report = {"model": str(model_dir), "calibration": str(calibration_file), "pattern": str(pattern),
                   "transposable": transposable, "score": score, "method": method, "samples": samples,
                   "seqlen": seqlen, "seed": seed, "permute": permute,
                   **({"permute_seconds": permute_seconds} if permute else {}), "summary": _summary(layers),
                   "layers": [asdict(layer) for layer in layers]}
-        # Permutations move a layer's bias too (writers'; a reader's is rewritten unchanged).
+        # AdaPrune refits biases; a permutation moves a writer's bias (a reader's is rewritten unchanged).
         modules = dict(model.named_modules())
-        changed = [f"{layer.name}.{kind}" for layer in layers for kind in ("weight", "bias")
-                   if (layer.status == "pruned" or layer.permutation) and getattr(modules[layer.name], kind, None) is not None
-                   and (kind == "weight" or layer.permutation or score == "adaprune")]
+        changed = []
+        for layer in layers:
+            if layer.status == "pruned" or layer.permutation:
+                changed.append(f"{layer.name}.weight")
+            if (layer.permutation or (layer.status == "pruned" and score == "adaprune")) and \
+                    getattr(modules[layer.name], "bias", None) is not None:
+                changed.append(f"{layer.name}.bias")
         write_model_folder(model, model_dir, checkpoint, folder, changed, metadata)
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report

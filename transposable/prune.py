@@ -535,27 +535,27 @@ class _InputStats:
         self.tokens = 0
         self.sum_squares = None  # Wanda
         self.hessian = None  # SparseGPT
+        self.moves = []  # permutations of the input features applied so far (permute=True)
 
     def permute_inputs(self, positions):
         """Reorder every statistic along the input features (``positions[i]``: the old
-        feature now at ``i``), keeping the order it had for :meth:`restore_inputs`."""
-        self.moves = getattr(self, "moves", []) + [positions]
+        feature now at ``i``), remembering it for :meth:`restore_inputs`."""
+        self.moves.append(positions)
         self._reorder(positions)
 
     def restore_inputs(self):
-        for positions in reversed(getattr(self, "moves", [])):
+        for positions in reversed(self.moves):
             self._reorder(torch.argsort(positions))
         self.moves = []
 
     def _reorder(self, positions):
-        positions = positions.to(self.sample.device)
+        positions = positions.to(self.sample.device)  # statistics live beside the inputs
         self.sample = self.sample.index_select(-1, positions)
         self.inputs = [x.index_select(-1, positions) for x in self.inputs]
         if self.sum_squares is not None:
-            self.sum_squares = self.sum_squares.index_select(0, positions.to(self.sum_squares.device))
+            self.sum_squares = self.sum_squares.index_select(0, positions)
         if self.hessian is not None:
-            take = positions.to(self.hessian.device)
-            self.hessian = self.hessian.index_select(0, take).index_select(1, take)
+            self.hessian = self.hessian.index_select(0, positions).index_select(1, positions)
 
     def add(self, x):
         x = x.detach()
@@ -680,10 +680,7 @@ def _importance(layer, stats, score, dampening):
     if score == "wanda":
         return weight.abs() * (stats.sum_squares / max(stats.tokens, 1)).sqrt().to(weight)[None, :]
     if score == "sparsegpt":
-        h = (stats.hessian / max(stats.tokens, 1)).clone()
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1
-        h += dampening * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        h, _ = _dampened(stats.hessian / max(stats.tokens, 1), dampening)
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
         return weight.pow(2) / torch.diag(inverse).to(weight)[None, :]
     return weight.abs()
@@ -755,6 +752,16 @@ def _fit(layer, keep, masked, bias, inputs, targets, steps, lr):
     return (weight * keep).detach(), None if fitted_bias is None else fitted_bias.detach()
 
 
+def _dampened(hessian, dampening):
+    """``(H + dampening * mean(diag H) * I, dead)``, a new tensor, with every input that is
+    always zero (``dead``) given a unit diagonal: nothing to reconstruct from."""
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h += dampening * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h, dead
+
+
 def sparsegpt(weight, hessian, pattern, *, transposable=True, method="auto", dampening=0.01, blocksize=128):
     """SparseGPT: an N:M mask and the reconstructed weights of one linear layer.
 
@@ -807,12 +814,9 @@ def sparsegpt(weight, hessian, pattern, *, transposable=True, method="auto", dam
     pattern = parse_pattern(pattern)
     m = pattern.m
     w = weight.detach().clone().float()
-    h = hessian.detach().clone().to(torch.float64 if w.device.type == "cpu" else torch.float32)
+    h, dead = _dampened(hessian.detach().to(torch.float64 if w.device.type == "cpu" else torch.float32), dampening)
     columns = w.shape[1]
-    dead = torch.diag(h) == 0  # inputs that are always zero: nothing to reconstruct from
-    h[dead, dead] = 1
     w[:, dead] = 0
-    h += dampening * torch.diag(h).mean() * torch.eye(columns, dtype=h.dtype, device=h.device)
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(w.dtype)
     keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     step = max(m, blocksize // m * m)
