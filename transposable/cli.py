@@ -184,7 +184,9 @@ def _build_parser():
                     "transposable N:M, one block at a time, with importance scores from a little calibration "
                     "text (SparseGPT also reconstructs the kept weights), and write a new folder that "
                     "from_pretrained loads: the checkpoint with the pruned tensors replaced and every other "
-                    "tensor and file as it was, plus pruning_report.json. Needs transformers "
+                    "tensor and file as it was, plus pruning_report.json. Only one block's weights are in "
+                    "memory at a time (read from the checkpoint when its turn comes), beside the calibration "
+                    "activations. Needs transformers "
                     "(pip install transformers, or pip install '.[llm]' in the checkout).")
     prune.add_argument("model", help="model folder: config.json, tokenizer, *.safetensors or pytorch_model.bin")
     _add_mask_options(prune, METHODS, pad_help=None)
@@ -199,6 +201,16 @@ def _build_parser():
                             "so that the masks keep more (the model's outputs do not change)")
     prune.add_argument("--permute-seconds", type=float, default=1.0, metavar="S",
                        help="search budget per permuted dimension (default 1.0)")
+    prune.add_argument("--device", metavar="DEVICE",
+                       help="cpu, cuda or cuda:K: where blocks, activations and solvers run (default: cuda when "
+                            "present, else cpu)")
+    prune.add_argument("--offload-activations", metavar="DIR",
+                       help="keep the calibration hidden states in a temporary file in DIR instead of memory: they "
+                            "take samples x seqlen x hidden_size x 4 bytes (float32; twice that for adaprune), e.g. "
+                            "1 GiB for 128 x 512 tokens of a 4096-wide model")
+    prune.add_argument("--in-memory", action="store_true",
+                       help="load the whole model first (from_pretrained) instead of one block at a time; the same "
+                            "results, more memory")
     prune.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the new model folder")
     prune.add_argument("--force", action="store_true", help="replace an existing output folder")
     prune.set_defaults(run=_prune)
@@ -386,7 +398,9 @@ def _prune(args):
     report = prune_pretrained(args.model, args.output, args.calibration, args.pattern,
                               transposable=args.transposable, score=args.score, method=args.method,
                               samples=args.samples, seqlen=args.seqlen, seed=args.seed, permute=args.permute,
-                              permute_seconds=args.permute_seconds, force=args.force,
+                              permute_seconds=args.permute_seconds, device=args.device,
+                              stream=not args.in_memory, offload_activations=args.offload_activations,
+                              force=args.force,
                               progress=bar, log_block=None if bar else _progress_line)
     kinds = {}
     for layer in report["layers"]:

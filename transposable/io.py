@@ -385,3 +385,31 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_folder(path, name):
+    """Raise unless ``path`` is an existing folder.
+
+    Parameters
+    ----------
+    path : str or Path
+        The folder.
+    name : str
+        The argument it was given as, for the message.
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError
+        Naming the argument and the path.
+
+    Examples
+    --------
+    >>> check_folder("/nowhere", "offload_activations")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: offload_activations '/nowhere' is not there; give an existing folder
+    """
+    path = Path(path)
+    if not path.is_dir():
+        kind = NotADirectoryError if path.exists() else FileNotFoundError
+        raise kind(f"{name} '{path}' is not {'a folder' if path.exists() else 'there'}; give an existing folder")

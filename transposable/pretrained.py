@@ -11,11 +11,13 @@ their stored dtype and every other tensor copied byte for byte, and
 import json
 import math
 import shutil
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from .formats import FORMATS, format_of, mask_metadata
-from .io import atomic_directory, check_readable
+from .io import atomic_directory, check_folder, check_readable
 from .masks import check_flag, resolve_method
 from .patterns import parse_pattern
 from .permute import check_budget
@@ -25,8 +27,8 @@ REPORT_NAME = "pruning_report.json"
 
 
 def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposable=True, score="sparsegpt",
-                     method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=1.0, force=False,
-                     progress=False, log_block=None):
+                     method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=1.0, device=None,
+                     stream=True, offload_activations=None, force=False, progress=False, log_block=None):
     """Prune a Hugging Face causal language model folder into a new folder.
 
     Parameters
@@ -57,6 +59,19 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         holds the permuted weights, which compute what the originals did.
     permute_seconds : float, default 1.0
         Search budget per permuted dimension.
+    device : str, optional
+        ``"cpu"`` or ``"cuda"`` / ``"cuda:k"``: where the blocks, the activations and the
+        solvers run (default: ``"cuda"`` when present, else ``"cpu"``).
+    stream : bool, default True
+        Hold one block at a time: the model is built without weights, each block's tensors
+        are read from the checkpoint when its turn comes and its pruned tensors are written
+        out (to a temporary file in the output) when it is done. Memory is one block, its
+        statistics and the activations, not the model. ``stream=False`` loads the whole
+        model with ``from_pretrained`` (the same results).
+    offload_activations : str or Path, optional
+        Keep the calibration hidden states in a temporary file in this folder instead of
+        memory: ``samples x seqlen x hidden_size x 4`` bytes (float32), twice that for
+        AdaPrune.
     force : bool, default False
         Replace an existing ``output``.
     progress : bool, default False
@@ -77,9 +92,10 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     FileExistsError
         If ``output`` exists and ``force`` is False (checked before any work).
     FileNotFoundError
-        If the folder, its checkpoint or the calibration file is missing.
+        If the folder, its checkpoint, the calibration file or ``offload_activations`` is
+        missing.
     ValueError
-        For bad settings, a calibration file that is not UTF-8 text, an empty or too short
+        For bad settings (a device that is not here), a calibration file that is not UTF-8 text, an empty or too short
         calibration text (all checked before the model loads), weights that do not match
         the folder's ``config.json``, or a model no layer of which tiles at ``pattern``
         (see :func:`transposable.prune.prune`).
@@ -104,6 +120,10 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     for name, value in (("samples", samples), ("seqlen", seqlen)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_flag("stream", stream)
+    device = resolve_device(device)
+    if offload_activations is not None:
+        check_folder(offload_activations, "offload_activations")
     checkpoint = find_checkpoint(model_dir)
     text = read_text(calibration_file)
     if output.resolve() == model_dir.resolve():
@@ -113,30 +133,316 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         if not progress:  # one line per block, not transformers' own loading bars
             transformers.utils.logging.disable_progress_bar()
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        batches = calibration_windows(tokenizer, text, samples, seqlen, seed)
-        model = _load_model(transformers, model_dir)
+        batches = [window.to(device) for window in calibration_windows(tokenizer, text, samples, seqlen, seed)]
+        loader = None
+        if stream:
+            loader = StreamedBlocks(transformers, model_dir, checkpoint, device, folder / ".pruned-blocks", score)
+            model = loader.model
+        else:
+            model = _load_model(transformers, model_dir).to(device)
 
         layers = []
         prune(model, batches, pattern, transposable=transposable, score=score, method=method, permute=permute,
-              permute_seconds=permute_seconds, report=layers, progress=progress, log_block=log_block)
+              permute_seconds=permute_seconds, report=layers, progress=progress, log_block=log_block,
+              offload_activations=offload_activations, block_loader=loader)
         metadata = {**mask_metadata(pattern, transposable, method), "transposable.score": score}
         report = {"model": str(model_dir), "calibration": str(calibration_file), "pattern": str(pattern),
                   "transposable": transposable, "score": score, "method": method, "samples": samples,
                   "seqlen": seqlen, "seed": seed, "permute": permute,
                   **({"permute_seconds": permute_seconds} if permute else {}), "summary": _summary(layers),
                   "layers": [asdict(layer) for layer in layers]}
-        # AdaPrune refits biases; a permutation moves a writer's bias (a reader's is rewritten unchanged).
-        modules = dict(model.named_modules())
-        changed = []
-        for layer in layers:
-            if layer.status == "pruned" or layer.permutation:
-                changed.append(f"{layer.name}.weight")
-            if (layer.permutation or (layer.status == "pruned" and score == "adaprune")) and \
-                    getattr(modules[layer.name], "bias", None) is not None:
-                changed.append(f"{layer.name}.bias")
-        write_model_folder(model, model_dir, checkpoint, folder, changed, metadata)
+        if loader is None:
+            write_model_folder(model, model_dir, checkpoint, folder, changed_parameters(model, layers, score), metadata)
+        else:
+            write_checkpoint_folder(model_dir, checkpoint, folder, loader.written, metadata)
+            loader.close()
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
+
+
+def changed_parameters(model, layers, score):
+    """The names of the parameters pruning changed, from its :class:`~transposable.prune.LayerReport` s.
+
+    A pruned or permuted layer's weight; its bias when permuted along its outputs (a
+    reader's bias is rewritten unchanged) or refitted by AdaPrune.
+    """
+    modules = dict(model.named_modules())
+    changed = []
+    for layer in layers:
+        if layer.status == "pruned" or layer.permutation:
+            changed.append(f"{layer.name}.weight")
+        if (layer.permutation or (layer.status == "pruned" and score == "adaprune")) and \
+                getattr(modules[layer.name], "bias", None) is not None:
+            changed.append(f"{layer.name}.bias")
+    return changed
+
+
+def resolve_device(device):
+    """The ``torch.device`` to prune on: ``device``, or CUDA when present, else the CPU.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is not a device name, or names a device this machine lacks.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("tpu:9")
+    Traceback (most recent call last):
+    ...
+    ValueError: device 'tpu:9' is not a device name; use cpu, cuda or cuda:K
+    """
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name; use cpu, cuda or cuda:K") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not a device name; use cpu, cuda or cuda:K")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"device {device!r} is not here (this machine has {count} CUDA device(s)); use "
+                             f"{'cpu' if not count else 'cuda:0'}")
+    return resolved
+
+
+class CheckpointTensors:
+    """A checkpoint's tensors read one at a time, by name: safetensors (single or sharded)
+    with plain reads of that tensor alone; a PyTorch file memory-mapped where its format
+    allows (the zip format of ``torch.save``; a legacy file loads whole).
+
+    Parameters
+    ----------
+    checkpoint : (Path, module)
+        As :func:`find_checkpoint` returns it.
+
+    Attributes
+    ----------
+    shapes : dict of str to tuple
+        Every tensor's shape, read without loading the tensors (from the headers).
+    dtypes : dict of str to torch.dtype
+        Every tensor's stored dtype (None for dtypes torch cannot read here).
+    """
+
+    def __init__(self, checkpoint):
+        import torch
+
+        from .formats import safetensors_file, safetensors_sharded, torch_file
+
+        path, fmt = checkpoint
+        self.path, self.loaded, self.entries = path, None, {}
+        if fmt is torch_file:
+            self.loaded = dict(torch_file._flatten(torch_file.load(path)))
+            self.shapes = {name: tuple(t.shape) for name, t in self.loaded.items()}
+            self.dtypes = {name: t.dtype for name, t in self.loaded.items()}
+            return
+        if fmt is safetensors_sharded:
+            headers = [header for header in safetensors_sharded.read_headers(path)[1].values()]
+        else:
+            headers = [(path, safetensors_file.read_header(path))]
+        for shard, (tensors, _, data_start) in headers:
+            for name, info in tensors.items():
+                self.entries[name] = (shard, data_start, info)
+        self.shapes = {name: tuple(info["shape"]) for name, (_, _, info) in self.entries.items()}
+        self.dtypes = {name: getattr(torch, safetensors_file.TORCH_DTYPES.get(info["dtype"], ""), None)
+                       for name, (_, _, info) in self.entries.items()}
+
+    def __getitem__(self, name):
+        from .formats.safetensors_file import read_entry
+
+        if self.loaded is not None:
+            return self.loaded[name]
+        shard, data_start, info = self.entries[name]
+        with open(shard, "rb") as raw:
+            return read_entry(raw, data_start, info, shard)
+
+
+class StreamedBlocks:
+    """A model folder's model with one block's weights in memory at a time.
+
+    The model is built from ``config.json`` with every parameter on the meta device (no
+    memory; buffers such as rotary tables are computed as usual). The parameters outside
+    the blocks that run before the first block (embeddings) are read now and freed once the
+    first block's inputs are captured; the output embeddings are never read. A block's
+    parameters are read (float32, on ``device``) by :meth:`load`, and by :meth:`unload` the
+    ones pruning changed are written, in their stored dtype, to a safetensors file per
+    block in ``spill`` (inside the output folder, removed by :meth:`close`) and the block
+    goes back to the meta device. :attr:`written` then reads them back by checkpoint name.
+
+    Raises
+    ------
+    ValueError
+        If the checkpoint's tensors do not match the model the config builds (the same
+        message as loading the whole model).
+    """
+
+    def __init__(self, transformers, model_dir, checkpoint, device, spill, score):
+        import torch
+
+        from .prune import find_blocks
+
+        self.device, self.spill, self.score = device, Path(spill), score
+        self.reader = CheckpointTensors(checkpoint)
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        with parameters_on_meta(), _errors_only(transformers):
+            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.model.eval()
+        self.names = _parameter_names(self.model, self.reader.shapes, model_dir)
+        blocks = tuple(f"{prefix}." for prefix, _ in find_blocks(self.model))
+        head = self.model.get_output_embeddings()  # runs after the blocks: never needed
+        head = next((f"{name}." for name, module in self.model.named_modules() if module is head), None)
+        self.outside = [name for name, _ in self.model.named_parameters()
+                        if not name.startswith(blocks) and not (head and name.startswith(head))]
+        self._read(self.outside)
+        for name, buffer in self.model.named_buffers():
+            if not name.startswith(blocks):
+                _set(self.model, name, buffer.to(device))
+        self.spill.mkdir()
+        self.written = SpilledTensors()
+
+    def load(self, prefix, block):
+        """Read ``block``'s parameters (and the buffers the checkpoint holds) onto the device."""
+        if self.outside:  # the first block's inputs are captured: the embeddings are no longer needed
+            for name in self.outside:
+                _set(self.model, name, self.model.get_parameter(name).to("meta"))
+            self.outside = []
+        self._read([f"{prefix}.{name}" for name, _ in block.named_parameters()])
+        for name, buffer in block.named_buffers():
+            stored = self.names.get(f"{prefix}.{name}")
+            _set(block, name, (self.reader[stored] if stored else buffer).to(self.device))
+
+    def unload(self, prefix, block, entries):
+        """Write what pruning changed in ``block`` to the spill folder; free the block."""
+        from safetensors.torch import save_file
+
+        values = {self.names[name]: self.model.get_parameter(name).detach().to(
+            self.reader.dtypes[self.names[name]]).cpu().contiguous()
+            for name in changed_parameters(self.model, entries, self.score)}
+        if values:
+            path = self.spill / f"{prefix}.safetensors"
+            save_file(values, path)
+            self.written.add(path, values)
+        block.to("meta")
+
+    def close(self):
+        """Remove the spill folder."""
+        import shutil
+
+        shutil.rmtree(self.spill, ignore_errors=True)
+
+    def _read(self, names):
+        import torch
+
+        for name in names:
+            _set(self.model, name, self.reader[self.names[name]].to(self.device, torch.float32))
+
+
+def _set(module, name, value):
+    """Replace the parameter or buffer ``name`` (dotted, below ``module``) by ``value``."""
+    import torch
+
+    owner, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner) if owner else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+class SpilledTensors(Mapping):
+    """Tensors written to safetensors files, by name, read back when asked for."""
+
+    def __init__(self):
+        self.files = {}
+
+    def add(self, path, values):
+        self.files.update({name: path for name in values})
+
+    def __getitem__(self, name):
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self):
+        return len(self.files)
+
+
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device, their buffers as usual.
+
+    Weights are then neither allocated nor initialized, while computed buffers (rotary
+    tables, causal masks) hold their real values (accelerate's ``init_empty_weights`` does
+    the same).
+
+    Examples
+    --------
+    >>> import torch
+    >>> with parameters_on_meta():
+    ...     layer = torch.nn.BatchNorm1d(4)
+    >>> layer.weight.device.type, layer.running_var.device.type
+    ('meta', 'cpu')
+    """
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _parameter_names(model, shapes, model_dir):
+    """``{model name: checkpoint name}`` for every parameter and every persistent buffer the
+    checkpoint holds; a tied parameter is found through any of its names. Raises the message
+    :func:`_load_model` gives when the checkpoint does not fit the model."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names, missing, mismatched, tied = {}, [], [], {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append((name, tuple(param.shape)))
+    for group in tied.values():
+        found = [(name, stored, shape) for name, shape in group
+                 for stored in [_stored_name(name, shapes, prefix)] if stored is not None]
+        if not found:
+            missing.append(group[0][0])
+            continue
+        for name, stored, shape in found:
+            if shapes[stored] != shape:
+                mismatched.append(f"{stored} {list(shapes[stored])} where the model has {list(shape)}")
+        for name, _ in group:
+            names[name] = found[0][1]
+    for name, _ in model.named_buffers():
+        stored = _stored_name(name, shapes, prefix)
+        if stored is not None:
+            names[name] = stored
+    if mismatched:
+        raise ValueError(f"the weights in '{model_dir}' do not match its config.json: {mismatched[0]}")
+    if missing:
+        unexpected = sorted(set(shapes) - set(names.values()))
+        raise ValueError(f"the weights in '{model_dir}' do not match its config.json (model_type "
+                         f"{model.config.model_type!r}): {len(missing)} of the model's tensors are not in the checkpoint"
+                         f" (e.g. {sorted(missing)[0]!r})"
+                         + (f" and {len(unexpected)} of the checkpoint's are not in the model (e.g. {unexpected[0]!r})"
+                            if unexpected else "")
+                         + "; give the config.json saved with these weights")
+    return names
 
 
 def find_checkpoint(model_dir):
@@ -284,16 +590,13 @@ def _load_model(transformers, model_dir):
     (transformers would log every missing tensor and hand back a randomly initialized model)."""
     import torch
 
-    verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()
     try:
-        model, loading = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                                           output_loading_info=True)
+        with _errors_only(transformers):
+            model, loading = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                                               output_loading_info=True)
     except RuntimeError as error:  # shapes that do not fit the config
         raise ValueError(f"the weights in '{model_dir}' do not match its config.json: "
                          f"{str(error).strip().splitlines()[-1].strip()}") from None
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
     missing = sorted(loading["missing_keys"])
     if missing or loading["mismatched_keys"]:
         unexpected = sorted(loading["unexpected_keys"])
@@ -304,6 +607,17 @@ def _load_model(transformers, model_dir):
                             if unexpected else "")
                          + "; give the config.json saved with these weights")
     return model
+
+
+@contextmanager
+def _errors_only(transformers):
+    """transformers logs errors only (its advice while building a model is not the user's)."""
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
 
 
 def _transformers():
@@ -407,14 +721,28 @@ def write_model_folder(model, model_dir, checkpoint, folder, changed, metadata, 
                            [name for name, _ in model.named_parameters()], {"note": "fine-tuned"})
     """
     path, fmt = checkpoint
-    inputs = set(fmt.files(path))
-    for item in model_dir.iterdir():
-        if item.is_file() and item not in inputs and item.name not in replaced:
-            shutil.copyfile(item, folder / item.name)
     names = set(fmt.names(path))
     prefix = getattr(model, "base_model_prefix", "")
     parameters = dict(model.named_parameters())
     values = {_checkpoint_name(name, names, prefix): parameters[name] for name in changed if name in parameters}
+    write_checkpoint_folder(model_dir, checkpoint, folder, values, metadata, replaced)
+
+
+def write_checkpoint_folder(model_dir, checkpoint, folder, values, metadata, replaced=(REPORT_NAME,)):
+    """Write a model folder: its other files copied, its checkpoint with ``values`` replacing
+    tensors (``{checkpoint name: tensor}``, a mapping read one tensor at a time, each cast to
+    its stored dtype) and every other tensor copied byte for byte.
+
+    Raises
+    ------
+    ValueError
+        If a name of ``values`` is not in the checkpoint.
+    """
+    path, fmt = checkpoint
+    inputs = set(fmt.files(path))
+    for item in model_dir.iterdir():
+        if item.is_file() and item not in inputs and item.name not in replaced:
+            shutil.copyfile(item, folder / item.name)
     outputs = fmt.output_files(path, folder / path.name)
     converter = PrunedTensors(values)
     fmt.convert(path, folder / path.name, {Path(out): out for out in outputs}, converter, metadata)
@@ -425,10 +753,16 @@ def write_model_folder(model, model_dir, checkpoint, folder, changed, metadata, 
 
 def _checkpoint_name(name, names, prefix):
     """The checkpoint's key for a model parameter (with or without the base model's prefix)."""
+    stored = _stored_name(name, names, prefix)
+    if stored is None:
+        raise ValueError(f"the checkpoint has no tensor for the pruned parameter {name!r}")
+    return stored
+
+
+def _stored_name(name, names, prefix):
+    """The key among ``names`` for a model's tensor ``name`` (with or without the base
+    model's prefix), or None."""
     candidates = [name]
     if prefix:
         candidates += [name[len(prefix) + 1:]] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
-    for candidate in candidates:
-        if candidate in names:
-            return candidate
-    raise ValueError(f"the checkpoint has no tensor for the pruned parameter {name!r}")
+    return next((candidate for candidate in candidates if candidate in names), None)

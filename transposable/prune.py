@@ -26,6 +26,8 @@ scores (the combination TSENOR plugs into layer-wise pruning; Meng et al., 2025)
 import fnmatch
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .io import check_folder
 from .layout import tiling_error
 from .masks import check_flag, kept_fraction, mask, resolve_method
 from .patterns import parse_pattern
@@ -130,7 +133,7 @@ class LayerReport:
 
 def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", method="auto", blocks=None,
           layers=None, dampening=0.01, steps=200, lr=1e-3, permute=False, permute_seconds=1.0, report=None,
-          progress=False, log_block=None):
+          progress=False, log_block=None, offload_activations=None, block_loader=None):
     """Prune a trained model's layers to N:M with calibration data, one block at a time.
 
     Parameters
@@ -181,6 +184,15 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
         Show a progress bar over blocks (stderr).
     log_block : callable, optional
         Called with one line of text per finished block.
+    offload_activations : str or Path, optional
+        A folder for the calibration hidden states between blocks (a temporary file, read
+        and written one window at a time, removed at the end) instead of memory:
+        ``windows x tokens x hidden x 4`` bytes in float32.
+    block_loader : object, optional
+        Holds one block in memory at a time (what :func:`transposable.pretrained.prune_pretrained`
+        does for models larger than memory): ``block_loader.load(prefix, block)`` is called
+        before a block's work and ``block_loader.unload(prefix, block, entries)`` once the
+        block has produced the next block's inputs (``entries``: its :class:`LayerReport` s).
 
     Returns
     -------
@@ -229,6 +241,8 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     check_flag("permute", permute)
     if permute:
         check_budget(permute_seconds, None)
+    if offload_activations is not None:
+        check_folder(offload_activations, "offload_activations")
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration holds no batches; pass a list of model inputs (tensors or dicts)")
@@ -245,28 +259,32 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
                          f"style blocks (transposable.permute.MLP_LAYOUTS, HEAD_LAYOUTS); prune without permute")
     was_training = model.training
     model.eval()
-    bar = None
+    bar = inputs = dense = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(found), unit="block", leave=False)
     try:
         with torch.no_grad(), _no_cache(model):
-            inputs = _first_block_inputs(model, found[0][1], batches)
+            inputs = Activations(_first_block_inputs(model, found[0][1], batches), offload_activations)
             # AdaPrune fits every layer to the dense model's outputs, so that it also corrects
             # the layers pruned before it: a second stream of activations, no second model.
-            dense = list(inputs) if score == "adaprune" else None
+            dense = inputs.copy() if score == "adaprune" else None
             for index, (prefix, block) in enumerate(found):
                 start = time.perf_counter()
+                if block_loader is not None:
+                    block_loader.load(prefix, block)
                 dense_outputs = None
                 if dense is not None:
-                    dense_outputs, dense = _dense_pass(block, targets[prefix], dense)
+                    dense_outputs = _dense_pass(block, targets[prefix], dense)
                 entries = _prune_block(prefix, block, targets[prefix], inputs, dense_outputs, pattern, transposable,
                                        method, score, dampening, steps, lr, permute_seconds if permute else None)
                 if report is not None:
                     report.extend(entries)
-                for j, (args, kwargs) in enumerate(inputs):  # the next block's inputs, in place
-                    inputs[j] = _with_hidden(args, kwargs, _hidden(block(*args, **kwargs)))
+                _advance(block, inputs)
+                if block_loader is not None:
+                    block_loader.unload(prefix, block, entries)
+                release_freed_memory()
                 if bar is not None:
                     bar.update()
                 if log_block is not None:
@@ -280,6 +298,9 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     finally:
         if bar is not None:
             bar.close()
+        for stream in (inputs, dense):
+            if stream is not None:
+                stream.close()
         model.train(was_training)
     return model
 
@@ -498,6 +519,107 @@ def _one_copy(value, pool):
     return value
 
 
+class Activations:
+    """The calibration windows' inputs to the current block, ``(args, kwargs)`` per window.
+
+    Indexing gives a window's inputs and assigning replaces its hidden state (the first
+    positional input, else ``hidden_states``); everything else a block receives (rotary
+    tables, masks) is shared and stays as captured. The hidden states are kept where they
+    were captured, or with ``directory`` in a temporary file there, read and written one
+    window at a time with plain reads (a memory map would count the touched pages as the
+    process's memory) and handed out on the device they came from.
+
+    Parameters
+    ----------
+    captured : list of (tuple, dict)
+        Every window's inputs, as :func:`_first_block_inputs` records them.
+    directory : str or Path, optional
+        Where the file goes; it is removed by :meth:`close`.
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError
+        If ``directory`` is missing or not a folder.
+
+    Examples
+    --------
+    >>> import torch
+    >>> stream = Activations([((torch.zeros(2, 3),), {"mask": None})], directory=__import__("tempfile").gettempdir())
+    >>> stream[0] = ((torch.ones(2, 3),), {"mask": None})
+    >>> stream[0][0][0].sum().item(), stream[0][1]
+    (6.0, {'mask': None})
+    >>> stream.close()
+    """
+
+    def __init__(self, captured, directory=None):
+        self.calls = [(args[1:], kwargs if args else {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                      for args, kwargs in captured]
+        self.positional = [bool(args) for args, _ in captured]
+        hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in captured]
+        self.directory, self.file = directory, None
+        if directory is None:
+            self.hidden = hidden
+            return
+        check_folder(directory, "offload_activations")
+        self.file = tempfile.TemporaryFile(dir=directory, prefix="transposable-activations-")
+        self.hidden = [(h.shape, h.dtype, h.device) for h in hidden]
+        self.sizes = [h.numel() * h.element_size() for h in hidden]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        for j, h in enumerate(hidden):
+            self._write(j, h)
+
+    def __len__(self):
+        return len(self.calls)
+
+    def __getitem__(self, j):
+        args, kwargs = self.calls[j]
+        hidden = self.hidden[j] if self.file is None else self._read(j)
+        return ((hidden, *args), kwargs) if self.positional[j] else (args, {**kwargs, "hidden_states": hidden})
+
+    def __setitem__(self, j, value):
+        args, kwargs = value
+        hidden = args[0] if self.positional[j] else kwargs["hidden_states"]
+        if self.file is None:
+            self.hidden[j] = hidden
+        else:
+            self._write(j, hidden)
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+    def copy(self):
+        """An independent stream with the same contents (in a new file if this one has one)."""
+        twin = Activations([], None)
+        twin.__dict__.update(self.__dict__)
+        if self.file is None:
+            twin.hidden = list(self.hidden)  # assignment replaces a window's tensor, never changes it
+            return twin
+        twin.file = tempfile.TemporaryFile(dir=self.directory, prefix="transposable-activations-")
+        chunk = 1 << 24
+        for offset in range(0, self.offsets[-1], chunk):
+            data = os.pread(self.file.fileno(), chunk, offset)
+            if os.pwrite(twin.file.fileno(), data, offset) != len(data):
+                raise OSError(f"could not write the activations to '{self.directory}' (disk full?)")
+        return twin
+
+    def close(self):
+        """Remove the file, if any."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _write(self, j, hidden):
+        data = hidden.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
+        written = os.pwrite(self.file.fileno(), data, self.offsets[j])
+        if written != len(data):
+            raise OSError(f"could not write the activations to '{self.directory}' (disk full?)")
+
+    def _read(self, j):
+        shape, dtype, device = self.hidden[j]
+        data = bytearray(os.pread(self.file.fileno(), self.sizes[j], self.offsets[j]))
+        return torch.frombuffer(data, dtype=dtype).view(shape).to(device)
+
+
 def _hidden(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -567,25 +689,59 @@ class _InputStats:
             return
         flat = x.reshape(-1, x.shape[-1]).float()
         self.tokens += flat.shape[0]
+        # Accumulated in place: a new sum per batch, kept while the block's temporaries come
+        # and go, would fragment the heap (measured: +30 % peak memory on SmolLM2).
         if self.score == "wanda":
             squares = flat.pow(2).sum(dim=0).double()
-            self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
+            if self.sum_squares is None:
+                self.sum_squares = squares
+            else:
+                self.sum_squares += squares
         else:
             product = (flat.t() @ flat).double()
-            self.hessian = product if self.hessian is None else self.hessian + product
+            if self.hessian is None:
+                self.hessian = product
+            else:
+                self.hessian += product
+
+
+def _advance(block, inputs):
+    """Replace every window's inputs by the block's outputs: the next block's inputs."""
+    for j in range(len(inputs)):
+        args, kwargs = inputs[j]
+        inputs[j] = _with_hidden(args, kwargs, _hidden(block(*args, **kwargs)))
 
 
 def _dense_pass(block, targets, inputs):
-    """Run the still dense block: every target layer's outputs, and the next dense inputs."""
+    """Run the still dense block: every target layer's outputs; ``inputs`` become the next
+    dense inputs."""
     outputs = {name: [] for name, _, reason in targets if reason is None}
     handles = [layer.register_forward_hook(lambda module, args, out, kept=outputs[name]: kept.append(out.detach()))
                for name, layer, reason in targets if reason is None]
     try:
-        following = [_with_hidden(args, kwargs, _hidden(block(*args, **kwargs))) for args, kwargs in inputs]
+        _advance(block, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return outputs, following
+    return outputs
+
+
+def release_freed_memory():
+    """Hand the memory freed so far back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). The C heap keeps freed blocks for reuse, and a block's passes over the
+    calibration data leave it fragmented: trimmed between passes, the peak of a streamed
+    SmolLM2 prune falls by a fifth (benchmarks/README.md, issue 19)."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transposable, method, score, dampening,
@@ -602,6 +758,7 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transpo
     finally:
         for handle in handles:
             handle.remove()
+    release_freed_memory()
     permutations = {}
     if permute_seconds is not None:
         permutations = _permute_block(prefix, block, inputs[0], stats, dense_outputs, pattern, transposable, score,
@@ -616,6 +773,7 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transpo
         if name in permutations:
             entry.permutation_gain, entry.permutation_seconds, entry.permutation = permutations[name]
         entries.append(entry)
+        release_freed_memory()
     return entries
 
 
@@ -690,8 +848,10 @@ def _prune_layer(name, layer, stats, dense_outputs, pattern, transposable, metho
     start = time.perf_counter()
     weight = linear_weight(layer).detach().float().clone()  # (out, in[, *kernel]); a copy, even of float32
     if score == "sparsegpt":
-        new, keep = sparsegpt(weight, stats.hessian / max(stats.tokens, 1), pattern, transposable=transposable,
-                              method=method, dampening=dampening)
+        hessian, stats.hessian = stats.hessian.div_(max(stats.tokens, 1)), None  # one copy fewer alive
+        new, keep = sparsegpt(weight, hessian, pattern, transposable=transposable, method=method,
+                              dampening=dampening)
+        del hessian
     else:
         scores = None
         if score == "wanda":
@@ -817,7 +977,9 @@ def sparsegpt(weight, hessian, pattern, *, transposable=True, method="auto", dam
     h, dead = _dampened(hessian.detach().to(torch.float64 if w.device.type == "cpu" else torch.float32), dampening)
     columns = w.shape[1]
     w[:, dead] = 0
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(w.dtype)
+    h = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    h_inv = torch.linalg.cholesky(h, upper=True).to(w.dtype)
+    del h  # n x n float64: the largest thing a layer holds
     keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     step = max(m, blocksize // m * m)
     for first in range(0, columns, step):
@@ -833,9 +995,11 @@ def sparsegpt(weight, hessian, pattern, *, transposable=True, method="auto", dam
             column = block[:, i]
             kept = column * keep[:, first + i]
             error = (column - kept) / block_inv[i, i]
-            block[:, i:] -= error[:, None] * block_inv[i, i:][None, :]
+            # In place (rank-1 and matrix updates without temporaries): per-column
+            # temporaries of out x blocksize fragment the heap (measured: +25 % peak).
+            block[:, i:].addr_(error, block_inv[i, i:], alpha=-1)
             block[:, i] = kept
             errors[:, i] = error
         w[:, first:last] = block
-        w[:, last:] -= errors @ h_inv[first:last, last:]
+        w[:, last:].addmm_(errors, h_inv[first:last, last:], alpha=-1)
     return w * keep, keep

@@ -19,6 +19,10 @@ DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, 
               "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
               "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
 
+#: torch's names of the dtypes read as tensors.
+TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
+                "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
 #: The dtypes converted (masks are solved for floating-point weights only).
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -174,17 +178,34 @@ def stream(source, header, destination, converter, metadata):
         out.write(header_bytes(tensors, {**file_metadata, **metadata}))
         for name, info in tensors.items():
             begin, end = info["data_offsets"]
-            raw.seek(data_start + begin)
             if converter.wants(name, tuple(info["shape"]), info["dtype"].lower(), info["dtype"] in FLOAT_DTYPES):
-                data = bytearray(end - begin)
-                if raw.readinto(data) != len(data):
-                    raise ValueError(f"'{source}' ended early: it is truncated")
-                dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                         "F64": torch.float64}[info["dtype"]]
-                tensor = torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+                tensor = read_entry(raw, data_start, info, source)
                 out.write(converter(name, tensor).contiguous().view(torch.uint8).numpy().tobytes())
             else:
+                raw.seek(data_start + begin)
                 _copy(raw, out, end - begin, source)
+
+
+def read_entry(raw, data_start, info, path):
+    """The tensor of one header entry, read with a plain read from the open file ``raw``.
+
+    Raises
+    ------
+    ValueError
+        If the file ends early, or the dtype has no torch equivalent here.
+    """
+    import torch
+
+    dtype = getattr(torch, TORCH_DTYPES.get(info["dtype"], ""), None)
+    if dtype is None:
+        raise ValueError(f"'{path}': tensors of dtype {info['dtype']} cannot be read as torch tensors here")
+    begin, end = info["data_offsets"]
+    raw.seek(data_start + begin)
+    data = bytearray(end - begin)
+    if raw.readinto(data) != len(data):
+        raise ValueError(f"'{path}' ended early: it is truncated")
+    return torch.frombuffer(data, dtype=dtype).reshape(info["shape"]) if data else torch.empty(info["shape"],
+                                                                                               dtype=dtype)
 
 
 def _copy(source, destination, count, path, chunk=1 << 24):
