@@ -79,8 +79,9 @@ def estimate(shape, score, windows, seqlen, vocab, device="cpu"):
     layer, SparseGPT a Hessian per layer (``in x in``, float64), each freed once its layer is
     pruned, and three more of the layer's own while it is inverted (float64 on the CPU,
     float32 on a GPU) (the worst of: the first layer, with every Hessian still there, and the last,
-    ``down_proj``, alone); one window's way through the block; and, while the first block's
-    inputs are captured, the embeddings in float32. On CUDA the block, statistics and
+    ``down_proj``, alone); one window's way through the block and the largest tensor as
+    stored while it is read; and, while the first block's inputs are captured, the
+    embeddings in float32 and as stored. On CUDA the block, statistics and
     activations are on the GPU and the host holds the embeddings while capturing and one
     tensor at a time.
     """
@@ -93,7 +94,8 @@ def estimate(shape, score, windows, seqlen, vocab, device="cpu"):
         statistics = max(8 * (6 * hidden ** 2 + intermediate ** 2) + inverting * 3 * hidden ** 2,
                          8 * intermediate ** 2 + inverting * 3 * intermediate ** 2)
     working = 4 * seqlen * (intermediate * 3 + shape["heads"] * seqlen)  # one window through the block
-    embedding = 4 * vocab * hidden
+    working += 2 * hidden * intermediate  # the largest tensor as stored (bfloat16) while it is read
+    embedding = (4 + 2) * vocab * hidden  # in float32, and as stored while it is read
     on_device = block + activations + statistics + working
     if device == "cpu":
         return {"ram": max(on_device, embedding + activations), "gpu": 0}

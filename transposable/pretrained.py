@@ -152,7 +152,7 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
                   **({"permute_seconds": permute_seconds} if permute else {}), "summary": _summary(layers),
                   "layers": [asdict(layer) for layer in layers]}
         if loader is None:
-            write_model_folder(model, model_dir, checkpoint, folder, changed_parameters(model, layers, score), metadata)
+            write_model_folder(model, model_dir, checkpoint, folder, _changed_parameters(model, layers, score), metadata)
         else:
             write_checkpoint_folder(model_dir, checkpoint, folder, loader.written, metadata)
             loader.close()
@@ -160,7 +160,7 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     return report
 
 
-def changed_parameters(model, layers, score):
+def _changed_parameters(model, layers, score):
     """The names of the parameters pruning changed, from its :class:`~transposable.prune.LayerReport` s.
 
     A pruned or permuted layer's weight; its bias when permuted along its outputs (a
@@ -178,7 +178,17 @@ def changed_parameters(model, layers, score):
 
 
 def resolve_device(device):
-    """The ``torch.device`` to prune on: ``device``, or CUDA when present, else the CPU.
+    """Return the ``torch.device`` to prune on: ``device``, or CUDA when present, else the CPU.
+
+    Parameters
+    ----------
+    device : str, torch.device or None
+        ``"cpu"``, ``"cuda"``, ``"cuda:K"``, or None for the default.
+
+    Returns
+    -------
+    torch.device
+        The device, checked to be on this machine.
 
     Raises
     ------
@@ -213,9 +223,11 @@ def resolve_device(device):
 
 
 class CheckpointTensors:
-    """A checkpoint's tensors read one at a time, by name: safetensors (single or sharded)
-    with plain reads of that tensor alone; a PyTorch file memory-mapped where its format
-    allows (the zip format of ``torch.save``; a legacy file loads whole).
+    """A checkpoint's tensors, read one at a time by name.
+
+    Safetensors (single or sharded) with plain reads of that tensor alone; a PyTorch file
+    memory-mapped where its format allows (the zip format of ``torch.save``; a legacy file
+    loads whole).
 
     Parameters
     ----------
@@ -228,6 +240,13 @@ class CheckpointTensors:
         Every tensor's shape, read without loading the tensors (from the headers).
     dtypes : dict of str to torch.dtype
         Every tensor's stored dtype (None for dtypes torch cannot read here).
+
+    Examples
+    --------
+    ::
+
+        tensors = CheckpointTensors(find_checkpoint("SmolLM2-135M"))
+        tensors.shapes["model.layers.0.mlp.up_proj.weight"], tensors["model.norm.weight"].dtype
     """
 
     def __init__(self, checkpoint):
@@ -275,11 +294,35 @@ class StreamedBlocks:
     block in ``spill`` (inside the output folder, removed by :meth:`close`) and the block
     goes back to the meta device. :attr:`written` then reads them back by checkpoint name.
 
+    Parameters
+    ----------
+    transformers : module
+        The ``transformers`` package.
+    model_dir : Path
+        The model folder.
+    checkpoint : (Path, module)
+        Its checkpoint, as :func:`find_checkpoint` returns it.
+    device : torch.device
+        Where the blocks are read to.
+    spill : Path
+        A folder to create for the changed tensors (inside the output folder).
+    score : str
+        The score pruning uses (AdaPrune changes biases too).
+
     Raises
     ------
     ValueError
         If the checkpoint's tensors do not match the model the config builds (the same
         message as loading the whole model).
+
+    Examples
+    --------
+    ::
+
+        loader = StreamedBlocks(transformers, folder, find_checkpoint(folder), torch.device("cpu"),
+                                out / "spill", "wanda")
+        prune(loader.model, windows, "2:4", score="wanda", block_loader=loader)
+        write_checkpoint_folder(folder, find_checkpoint(folder), out, loader.written, {})
     """
 
     def __init__(self, transformers, model_dir, checkpoint, device, spill, score):
@@ -290,7 +333,7 @@ class StreamedBlocks:
         self.device, self.spill, self.score = device, Path(spill), score
         self.reader = CheckpointTensors(checkpoint)
         config = transformers.AutoConfig.from_pretrained(model_dir)
-        with parameters_on_meta(), _errors_only(transformers):
+        with _parameters_on_meta(), _errors_only(transformers):
             self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         self.model.eval()
         self.names = _parameter_names(self.model, self.reader.shapes, model_dir)
@@ -304,7 +347,7 @@ class StreamedBlocks:
             if not name.startswith(blocks):
                 _set(self.model, name, buffer.to(device))
         self.spill.mkdir()
-        self.written = SpilledTensors()
+        self.written = _SpilledTensors()
 
     def load(self, prefix, block):
         """Read ``block``'s parameters (and the buffers the checkpoint holds) onto the device."""
@@ -321,14 +364,16 @@ class StreamedBlocks:
         """Write what pruning changed in ``block`` to the spill folder; free the block."""
         from safetensors.torch import save_file
 
-        values = {self.names[name]: self.model.get_parameter(name).detach().to(
-            self.reader.dtypes[self.names[name]]).cpu().contiguous()
-            for name in changed_parameters(self.model, entries, self.score)}
+        values = {}
+        for name in _changed_parameters(self.model, entries, self.score):  # each float32 one freed as it goes
+            stored = self.names[name]
+            values[stored] = self.model.get_parameter(name).detach().to(self.reader.dtypes[stored]).cpu().contiguous()
+            _set(self.model, name, self.model.get_parameter(name).to("meta"))
+        block.to("meta")
         if values:
             path = self.spill / f"{prefix}.safetensors"
             save_file(values, path)
             self.written.add(path, values)
-        block.to("meta")
 
     def close(self):
         """Remove the spill folder."""
@@ -340,7 +385,11 @@ class StreamedBlocks:
         import torch
 
         for name in names:
-            _set(self.model, name, self.reader[self.names[name]].to(self.device, torch.float32))
+            stored = self.reader[self.names[name]]
+            value = stored.to(self.device, torch.float32)
+            # A float32 tensor of a memory-mapped .bin comes back as it is: pruning writes into
+            # the weights in place, so never into the mapping.
+            _set(self.model, name, value.clone() if value is stored else value)
 
 
 def _set(module, name, value):
@@ -355,7 +404,7 @@ def _set(module, name, value):
         owner._buffers[leaf] = value
 
 
-class SpilledTensors(Mapping):
+class _SpilledTensors(Mapping):
     """Tensors written to safetensors files, by name, read back when asked for."""
 
     def __init__(self):
@@ -378,7 +427,7 @@ class SpilledTensors(Mapping):
 
 
 @contextmanager
-def parameters_on_meta():
+def _parameters_on_meta():
     """Modules built inside get their parameters on the meta device, their buffers as usual.
 
     Weights are then neither allocated nor initialized, while computed buffers (rotary
@@ -388,7 +437,7 @@ def parameters_on_meta():
     Examples
     --------
     >>> import torch
-    >>> with parameters_on_meta():
+    >>> with _parameters_on_meta():
     ...     layer = torch.nn.BatchNorm1d(4)
     >>> layer.weight.device.type, layer.running_var.device.type
     ('meta', 'cpu')
@@ -729,14 +778,38 @@ def write_model_folder(model, model_dir, checkpoint, folder, changed, metadata, 
 
 
 def write_checkpoint_folder(model_dir, checkpoint, folder, values, metadata, replaced=(REPORT_NAME,)):
-    """Write a model folder: its other files copied, its checkpoint with ``values`` replacing
-    tensors (``{checkpoint name: tensor}``, a mapping read one tensor at a time, each cast to
-    its stored dtype) and every other tensor copied byte for byte.
+    """Write a model folder with some of its checkpoint's tensors replaced.
+
+    The folder's other files are copied as they are (but ``replaced``); the checkpoint is
+    rewritten in its format with ``values`` replacing tensors, each cast to its stored dtype,
+    and every other tensor copied byte for byte.
+
+    Parameters
+    ----------
+    model_dir : Path
+        The source folder.
+    checkpoint : (Path, module)
+        Its checkpoint, as :func:`find_checkpoint` returns it.
+    folder : Path
+        The folder to fill.
+    values : Mapping of str to Tensor
+        ``{checkpoint name: new value}``, read one tensor at a time (it may load lazily).
+    metadata : dict
+        Added to the checkpoint's metadata.
+    replaced : tuple of str
+        File names not to copy (the caller writes its own).
 
     Raises
     ------
     ValueError
         If a name of ``values`` is not in the checkpoint.
+
+    Examples
+    --------
+    ::
+
+        write_checkpoint_folder(Path("SmolLM2-135M"), find_checkpoint("SmolLM2-135M"), Path("out"),
+                                {"model.norm.weight": torch.ones(576)}, {"note": "norm reset"})
     """
     path, fmt = checkpoint
     inputs = set(fmt.files(path))

@@ -284,7 +284,7 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
                 _advance(block, inputs)
                 if block_loader is not None:
                     block_loader.unload(prefix, block, entries)
-                release_freed_memory()
+                _release_freed_memory()
                 if bar is not None:
                     bar.update()
                 if log_block is not None:
@@ -726,7 +726,7 @@ def _dense_pass(block, targets, inputs):
     return outputs
 
 
-def release_freed_memory():
+def _release_freed_memory():
     """Hand the memory freed so far back to the system (glibc's ``malloc_trim``; nothing
     elsewhere). The C heap keeps freed blocks for reuse, and a block's passes over the
     calibration data leave it fragmented: trimmed between passes, the peak of a streamed
@@ -758,7 +758,7 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transpo
     finally:
         for handle in handles:
             handle.remove()
-    release_freed_memory()
+    _release_freed_memory()
     permutations = {}
     if permute_seconds is not None:
         permutations = _permute_block(prefix, block, inputs[0], stats, dense_outputs, pattern, transposable, score,
@@ -773,7 +773,7 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transpo
         if name in permutations:
             entry.permutation_gain, entry.permutation_seconds, entry.permutation = permutations[name]
         entries.append(entry)
-        release_freed_memory()
+        _release_freed_memory()
     return entries
 
 
@@ -846,7 +846,10 @@ def _importance(layer, stats, score, dampening):
 
 def _prune_layer(name, layer, stats, dense_outputs, pattern, transposable, method, score, dampening, steps, lr):
     start = time.perf_counter()
-    weight = linear_weight(layer).detach().float().clone()  # (out, in[, *kernel]); a copy, even of float32
+    # (out, in[, *kernel]), float32: for a float32 layer its own values, which stay as they
+    # are until the layer is written at the end (no copy: a 7B layer's copy is 180 MB).
+    weight = linear_weight(layer).detach().float()
+    new = None
     if score == "sparsegpt":
         hessian, stats.hessian = stats.hessian.div_(max(stats.tokens, 1)), None  # one copy fewer alive
         new, keep = sparsegpt(weight, hessian, pattern, transposable=transposable, method=method,
@@ -857,21 +860,22 @@ def _prune_layer(name, layer, stats, dense_outputs, pattern, transposable, metho
         if score == "wanda":
             scores = weight.abs() * (stats.sum_squares / max(stats.tokens, 1)).sqrt().to(weight)[None, :]
         keep = mask(weight, pattern, transposable=transposable, method=method, scores=scores)
-        new = weight * keep
-    original = _stored(layer, weight)  # weight is a float copy, never changed below
+        del scores
+    original = _stored(layer, weight)
     bias = None if layer.bias is None else layer.bias.detach().float().clone()
     masked = _stored(layer, weight * keep)
-    new_weight, new_bias = _stored(layer, new), bias
+    new_weight, new_bias = masked if new is None else _stored(layer, new), bias
     if score == "adaprune":
         new_weight, new_bias = _fit(layer, _stored(layer, keep.to(weight.dtype)), masked, bias, stats.inputs,
                                     dense_outputs, steps, lr)
     error_masked = _relative_error(layer, (masked, bias), (original, bias), stats.sample)
     error = _relative_error(layer, (new_weight, new_bias), (original, bias), stats.sample)
+    kept = kept_fraction(weight, keep)  # before the layer (maybe weight itself) is written
     with torch.no_grad():
         layer.weight.copy_(new_weight.to(layer.weight.dtype))
         if new_bias is not None:
             layer.bias.copy_(new_bias.to(layer.bias.dtype))
-    return LayerReport(name, list(layer.weight.shape), "pruned", kept_fraction(weight, keep), error_masked, error,
+    return LayerReport(name, list(layer.weight.shape), "pruned", kept, error_masked, error,
                        time.perf_counter() - start)
 
 
