@@ -80,6 +80,7 @@ def assert_same_folders(a, b):
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())  # nothing left behind
     report_a, report_b = (json.loads((f / "pruning_report.json").read_text()) for f in (a, b))
     assert [layer["name"] for layer in report_a["layers"]] == [layer["name"] for layer in report_b["layers"]]
+    assert (report_a["stream"], report_b["stream"]) == (False, True) and report_b["device"] == "cpu"
 
 
 @pytest.mark.parametrize("score", SCORES)

@@ -149,7 +149,8 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         report = {"model": str(model_dir), "calibration": str(calibration_file), "pattern": str(pattern),
                   "transposable": transposable, "score": score, "method": method, "samples": samples,
                   "seqlen": seqlen, "seed": seed, "permute": permute,
-                  **({"permute_seconds": permute_seconds} if permute else {}), "summary": _summary(layers),
+                  **({"permute_seconds": permute_seconds} if permute else {}), "device": str(device),
+                  "stream": stream, "summary": _summary(layers),
                   "layers": [asdict(layer) for layer in layers]}
         if loader is None:
             write_model_folder(model, model_dir, checkpoint, folder, _changed_parameters(model, layers, score), metadata)
