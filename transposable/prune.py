@@ -24,6 +24,7 @@ slab of M x M tiles down the rows, whose exact transposable mask is solved on th
 scores (the combination TSENOR plugs into layer-wise pruning; Meng et al., 2025).
 """
 import fnmatch
+import functools
 import logging
 import math
 import os
@@ -560,11 +561,9 @@ class Activations:
         if directory is None:
             self.hidden = hidden
             return
-        check_folder(directory, "offload_activations")
         self.file = tempfile.TemporaryFile(dir=directory, prefix="transposable-activations-")
-        self.hidden = [(h.shape, h.dtype, h.device) for h in hidden]
-        self.sizes = [h.numel() * h.element_size() for h in hidden]
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        self.layouts = [(h.shape, h.dtype, h.device) for h in hidden]
+        self.offsets = np.concatenate([[0], np.cumsum([h.numel() * h.element_size() for h in hidden])]).tolist()
         for j, h in enumerate(hidden):
             self._write(j, h)
 
@@ -597,9 +596,7 @@ class Activations:
         twin.file = tempfile.TemporaryFile(dir=self.directory, prefix="transposable-activations-")
         chunk = 1 << 24
         for offset in range(0, self.offsets[-1], chunk):
-            data = os.pread(self.file.fileno(), chunk, offset)
-            if os.pwrite(twin.file.fileno(), data, offset) != len(data):
-                raise OSError(f"could not write the activations to '{self.directory}' (disk full?)")
+            twin._put(os.pread(self.file.fileno(), chunk, offset), offset)
         return twin
 
     def close(self):
@@ -609,14 +606,15 @@ class Activations:
             self.file = None
 
     def _write(self, j, hidden):
-        data = hidden.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
-        written = os.pwrite(self.file.fileno(), data, self.offsets[j])
-        if written != len(data):
+        self._put(hidden.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy(), self.offsets[j])
+
+    def _put(self, data, offset):
+        if os.pwrite(self.file.fileno(), data, offset) != len(data):
             raise OSError(f"could not write the activations to '{self.directory}' (disk full?)")
 
     def _read(self, j):
-        shape, dtype, device = self.hidden[j]
-        data = bytearray(os.pread(self.file.fileno(), self.sizes[j], self.offsets[j]))
+        shape, dtype, device = self.layouts[j]
+        data = bytearray(os.pread(self.file.fileno(), self.offsets[j + 1] - self.offsets[j], self.offsets[j]))
         return torch.frombuffer(data, dtype=dtype).view(shape).to(device)
 
 
@@ -731,17 +729,21 @@ def _release_freed_memory():
     elsewhere). The C heap keeps freed blocks for reuse, and a block's passes over the
     calibration data leave it fragmented: trimmed between passes, the peak of a streamed
     SmolLM2 prune falls by a fifth (benchmarks/README.md, issue 19)."""
-    try:
-        _libc().malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-def _libc():
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None; looked up once (``find_library`` runs ``ldconfig``)."""
     import ctypes
     import ctypes.util
 
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transposable, method, score, dampening,
