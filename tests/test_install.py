@@ -61,7 +61,7 @@ def test_solves_in_memory_when_nothing_is_writable(installed, tmp_path):
     verdict, module = result.stdout.split()
     assert verdict == "True" and module.startswith(str(installed))  # the installed copy, not the repo
     assert result.stderr.count("no writable cache directory for the compiled solvers") == 1
-    assert "compiling solver kernels for exhaustive 1:2 (in memory: no writable cache directory" in result.stderr
+    assert "compiling solver kernels for exhaustive masks (in memory: no writable cache directory" in result.stderr
     assert "Traceback" not in result.stderr
     assert listing(installed, home) == before  # nothing written anywhere
 
@@ -75,8 +75,11 @@ def test_caches_in_numba_cache_dir_when_the_install_is_read_only(installed, tmp_
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "True"
     assert "no writable cache directory" not in result.stderr
-    assert "compiling solver kernels for exhaustive 1:2 (once: later runs load them" in result.stderr
+    assert "compiling solver kernels for exhaustive masks (once: later runs load them" in result.stderr
     assert any(p.suffix == ".nbi" for p in cache.rglob("*"))  # numba's cache index, where it belongs
+    again = run_read_only(installed, home, f"NUMBA_CACHE_DIR={cache}")
+    assert again.returncode == 0, again.stderr
+    assert "compiling" not in again.stderr  # loaded from the cache: nothing to announce, however slow
 
 
 def test_the_readme_commands_in_a_row_leave_nothing_behind_to_shadow_the_package(tmp_path):

@@ -283,14 +283,13 @@ def search(A, n, m, *, tiles, seconds, max_rounds=None, rng=None, start=None):
 def _compile():
     """Compile (or load) the search kernels before any clock starts: a first run in a new
     checkout compiles for seconds, which is no search's time."""
-    from .solvers._jit import announce_compile, is_compiled
+    from .solvers._jit import announce_compile
     from .solvers._permutation_kernels import group_values, improve_pairs
 
     tiny = (np.zeros((2, 1)), np.arange(2), np.zeros(2), np.array([[0, 1]]), 1, 1, True, 1, 0.0)
-    if not (is_compiled(improve_pairs, tiny) and is_compiled(group_values, (tiny[0], tiny[1], 1, 1, True))):
-        with announce_compile("permutation search"):
-            improve_pairs(*tiny)
-            group_values(tiny[0], tiny[1], 1, 1, True)
+    with announce_compile("permutation search"):
+        improve_pairs(*tiny)
+        group_values(tiny[0], tiny[1], 1, 1, True)
 
 
 def canonical(order, m, priority=None):

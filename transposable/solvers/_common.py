@@ -27,6 +27,13 @@ def as_grid(tiles):
     return tiles[:, :, None, :] if tiles.ndim == 3 else tiles
 
 
+def contiguous_grid(tiles):
+    """NumPy ``tiles`` as a C-contiguous float32 or float64 grid ``(A, m, B, m)``: one
+    compiled specialization per dtype (a strided input is copied once, rather than compiling
+    the kernels again for it)."""
+    return np.ascontiguousarray(as_grid(compute_dtype(np.asarray(tiles))))
+
+
 def as_tiles(tiles):
     """``(K, m, m)`` tiles of a grid ``(A, m, B, m)`` (a copy), or the tiles themselves."""
     if tiles.ndim == 3:
@@ -54,11 +61,11 @@ def greedy_then_improve(tiles, n, rounds, exact):
         from . import _torch_tiles
 
         return shaped_like(_torch_tiles.solve(as_tiles(tiles), n, rounds, exact), tiles)
-    from ._jit import announce_compile, is_compiled
+    from ._jit import announce_compile, in_parallel
     from ._tile_kernels import solve_grid
 
-    grid = as_grid(compute_dtype(np.asarray(tiles)))
-    args = (grid, n, rounds, exact, grid.dtype == np.float64)
-    m = grid.shape[-1]
-    with announce_compile(f"{'cycle canceling' if exact else 'greedy'} (m={m})", not is_compiled(solve_grid, args)):
-        return shaped_like(solve_grid(*args), tiles)
+    grid = contiguous_grid(tiles)
+    mask = np.empty(grid.shape, dtype=bool)
+    with announce_compile("greedy and cycle canceling"):
+        in_parallel(solve_grid, grid.shape[0], grid, n, rounds, exact, grid.dtype == np.float64, mask)
+    return shaped_like(mask, tiles)

@@ -8,16 +8,23 @@ leftover package folder holding only them shadows the real package. Where no cac
 directory is writable (a read-only home), ``jit`` compiles in memory, with one log line
 per process.
 
-The first call of a kernel for a new argument type loads it from that cache (0.01-0.3 s)
-or compiles it (seconds, more under load). ``announce_compile`` logs one line when such a
-call is still busy after ``NOTICE_AFTER`` seconds, so a command-line user knows why.
+The first call of a kernel for a new argument type loads it from that cache (milliseconds)
+or compiles it (seconds, more under load). ``announce_compile`` logs one line when numba
+really compiles and is still busy after ``NOTICE_AFTER`` seconds, so a command-line user
+knows why; loading from the cache never logs.
+
+The kernels are serial and release the GIL; ``in_parallel`` runs them over chunks of the
+work on threads. Compiling a ``parallel=True`` kernel costs seconds more, and loading one
+from the cache starts numba's threading layer (0.15 s) in every process.
 """
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger("transposable.solvers")
@@ -32,10 +39,17 @@ _uncached = []  # names of kernels compiled in memory only (no writable cache di
 def cache_directory():
     """Where compiled kernels are kept: numba's own ``NUMBA_CACHE_DIR`` when set, else
     ``$XDG_CACHE_HOME/transposable`` (default ``~/.cache/transposable``); None if it cannot
-    be written."""
+    be written.
+
+    Inside it, one folder per version of the kernels' sources: numba checks a cached
+    kernel against its own file only, so a kernel whose callee in another file changed
+    would otherwise load stale code (and crash).
+    """
     from numba.core import config
 
-    folder = Path(config.CACHE_DIR or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transposable")
+    sources = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))))
+    root = Path(config.CACHE_DIR or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transposable")
+    folder = root / f"kernels-{sources.hexdigest()[:12]}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -72,30 +86,48 @@ def jit(**options):
     return decorate
 
 
-def is_compiled(dispatcher, args):
-    """Whether ``dispatcher`` already holds code for these argument types in this process."""
-    from numba import typeof
+def in_parallel(kernel, count, *args):
+    """``kernel(*args, start, stop)`` on every chunk of ``range(count)``, on up to
+    ``numba.get_num_threads()`` threads (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``).
 
-    try:
-        signature = tuple(typeof(arg) for arg in args)
-    except ValueError:  # a type numba cannot name: let the call itself say so
-        return True
-    return signature in dispatcher.overloads
+    A few chunks per thread even out chunks that cost more than others (tiles with more
+    cycles to cancel); each chunk writes its own part of the output, so the result does not
+    depend on the number of threads.
+    """
+    from numba import get_num_threads
+
+    threads = min(get_num_threads(), count)
+    if threads <= 1:
+        kernel(*args, 0, count)
+        return
+    chunks = min(count, 4 * threads)
+    bounds = [count * c // chunks for c in range(chunks + 1)]
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(kernel, *args, bounds[c], bounds[c + 1]) for c in range(chunks)]:
+            done.result()
 
 
 @contextlib.contextmanager
-def announce_compile(what, needed=True):
-    """Log one line if the block (a kernel's first call) is still running after
-    ``NOTICE_AFTER`` seconds; ``needed=False`` skips the timer (code already compiled)."""
-    if not needed:
-        yield
-        return
+def announce_compile(what):
+    """Log one line if numba compiles (not: loads from its cache) inside the block and the
+    block is still running ``NOTICE_AFTER`` seconds after compiling began."""
+    from numba.core import event
+
     where = ("in memory: no writable cache directory, see NUMBA_CACHE_DIR" if _uncached
              else "once: later runs load them from the cache")
     timer = threading.Timer(NOTICE_AFTER, log.warning, (f"compiling solver kernels for {what} ({where})",))
     timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
+
+    class CompileStarted(event.Listener):
+        def on_start(self, _):
+            if not timer.is_alive() and not timer.finished.is_set():
+                timer.start()
+
+        def on_end(self, _):
+            pass
+
+    with event.install_listener("numba:compile", CompileStarted()):
+        try:
+            yield
+        finally:
+            timer.cancel()

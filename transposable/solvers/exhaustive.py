@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ._common import as_grid, as_tiles, compute_dtype, is_torch, shaped_like
+from ._common import as_tiles, contiguous_grid, is_torch, shaped_like
 
 ACCEPTS_TORCH = True
 EXACT = True
@@ -78,18 +78,29 @@ def row_patterns(n, m):
 
 @lru_cache(maxsize=None)
 def split_patterns(n, m):
-    """The patterns of :func:`row_patterns` as (top, bottom) pairs for the kernel's meet
-    in the middle: ``top_rows`` lists every choice tuple of the first ``m // 2`` rows,
-    ``bottom_rows`` of the others, ``pairs`` the (top, bottom) index of each pattern."""
-    choices, rows = row_patterns(n, m)
+    """The tables of the kernel's meet in the middle: the first ``h = m // 2`` rows
+    (*top*) and the other rows (*bottom*) of every pattern of :func:`row_patterns`, grouped
+    by the column counts they need.
+
+    Returns ``choices`` (C, n); ``top_rows`` (T, h) every tuple of choices of the top rows,
+    in lexicographic order, and ``top_bucket`` (T,) the index of its column counts (-1 if no
+    bottom completes it); ``bottom_rows`` and ``bottom_bucket`` the same for the bottom rows,
+    bucketed by the column counts they leave for the top. A top and a bottom form a valid
+    pattern exactly when their buckets match, and the pattern's index in
+    :func:`row_patterns` order grows with (top index, bottom index).
+    """
+    choices, _ = row_patterns(n, m)
     h = m // 2
+    counts = np.zeros((len(choices), m), dtype=np.int64)
+    np.put_along_axis(counts, choices, 1, axis=1)
     top_rows = np.array(list(itertools.product(range(len(choices)), repeat=h)), dtype=np.int64)
     bottom_rows = np.array(list(itertools.product(range(len(choices)), repeat=m - h)), dtype=np.int64)
-    # itertools.product order is base-C positional, so a tuple's index is its base-C value
-    base = len(choices) ** np.arange(h - 1, -1, -1)
-    base_bottom = len(choices) ** np.arange(m - h - 1, -1, -1)
-    pairs = np.stack([rows[:, :h] @ base, rows[:, h:] @ base_bottom], axis=1).astype(np.int64)
-    return choices, top_rows, bottom_rows, pairs
+    top_counts = [tuple(c) for c in counts[top_rows].sum(axis=1)]
+    left_counts = [tuple(c) for c in n - counts[bottom_rows].sum(axis=1)]
+    bucket = {c: b for b, c in enumerate(sorted(set(top_counts) & set(left_counts)))}
+    top_bucket = np.array([bucket.get(c, -1) for c in top_counts], dtype=np.int64)
+    bottom_bucket = np.array([bucket.get(c, -1) for c in left_counts], dtype=np.int64)
+    return choices, top_rows, top_bucket, bottom_rows, bottom_bucket
 
 
 @lru_cache(maxsize=None)
@@ -116,24 +127,6 @@ def patterns(n, m):
     return table
 
 
-@lru_cache(maxsize=None)
-def _kernel(grid_type, n, m):
-    """``exhaustive_grid`` compiled for one pattern, with n, m and h as literal constants.
-
-    Resolved once through ``Dispatcher.compile`` (which also reads numba's cache): letting
-    the dispatcher force literals on every call costs about 40 ms a call.
-    """
-    from numba import typeof, types
-
-    from ._jit import announce_compile
-    from ._tile_kernels import exhaustive_grid
-
-    table_types = tuple(typeof(table) for table in split_patterns(n, m))
-    literals = (types.literal(n), types.literal(m), types.literal(m // 2))
-    with announce_compile(f"exhaustive {n}:{m}"):
-        return exhaustive_grid.compile((grid_type, *table_types, *literals))
-
-
 def solve(tiles, n):
     """Optimal transposable N:M masks of a batch of tiles, by enumeration.
 
@@ -155,9 +148,9 @@ def solve(tiles, n):
     Exact. Scores are summed in float64 (on GPUs in float32 for 16- and 32-bit inputs,
     where float64 is slow); among equal scores the lowest-index pattern wins. A tile whose
     largest magnitude is huge (``>= 2**512``) is scaled by a power of two first, so sums do
-    not overflow. Cost per tile ``O(P + C**(m/2) * m)``
-    for ``P`` patterns and ``C`` row choices (numba, in parallel over tiles), or
-    ``O(P * m**2)`` as one matrix product (torch).
+    not overflow. Cost per tile ``O(C**(m/2) * m)`` for ``C`` row choices: the best top
+    half and the best bottom half for every column count they share (numba, in parallel
+    over tiles), or ``O(P * m**2)`` for ``P`` patterns as one matrix product (torch).
 
     Examples
     --------
@@ -171,10 +164,14 @@ def solve(tiles, n):
     """
     m = tiles.shape[-1]
     if not is_torch(tiles):
-        from numba import typeof
+        from ._jit import announce_compile, in_parallel
+        from ._tile_kernels import exhaustive_grid
 
-        grid = as_grid(compute_dtype(tiles))
-        return shaped_like(_kernel(typeof(grid), n, m)(grid, *split_patterns(n, m), n, m, m // 2), tiles)
+        grid = contiguous_grid(tiles)
+        mask = np.zeros(grid.shape, dtype=bool)
+        with announce_compile("exhaustive masks"):
+            in_parallel(exhaustive_grid, grid.shape[0], grid, *split_patterns(n, m), mask)
+        return shaped_like(mask, tiles)
     import torch
 
     from ._torch_tiles import magnitudes
