@@ -124,7 +124,7 @@ def test_greedy_completion_fills_rows_the_greedy_pass_leaves_short():
     order = np.empty(16, np.int64)
     key_floats = np.empty(16, np.float32)
     order_entries(tile, False, np.empty(16), np.empty(16, np.int64), key_floats, key_floats.view(np.int32), order,
-                  np.empty(16, np.int64), np.empty(256, np.int64))
+                  np.empty(16, np.int64), np.empty((8, 256), np.int64))
     assert greedy_tile(tile, 2, keep, rows, cols, order) == 7  # the plain greedy pass keeps 7 of 8
     assert rows.tolist() == [2, 2, 1, 2]
     mask = solvers.greedy.solve(tile[None], 2, rounds=0)

@@ -50,7 +50,7 @@ def store_tile(keep, out, a, b):
 
 
 #: Tiles with more entries than this are radix sorted; smaller ones rank by counting.
-SORT_ABOVE = 256
+SORT_ABOVE = 64
 
 
 @jit()
@@ -102,29 +102,35 @@ def order_entries(w, float64_order, flat, keys, key_floats, key_bits, order, spa
 def radix_order(keys, bits, order, spare, counts):
     """``order`` = the indices of ``keys`` (non-negative, below ``2**bits``) by decreasing
     key, ties by increasing index: a stable LSD radix sort of the digits ``255 - byte``,
-    one byte a pass, skipping the passes in which every key has the same byte."""
+    one byte a pass (``counts`` holds one histogram per pass, all counted in one read of
+    the keys), skipping the passes in which every key has the same byte."""
     size = keys.shape[0]
-    for q in range(size):
-        order[q] = q
-    for shift in range(0, bits, 8):
-        counts[:] = 0
-        for q in range(size):
-            counts[255 - ((keys[q] >> shift) & 255)] += 1
-        same = False
+    passes = bits // 8
+    for p in range(passes):
         for d in range(256):
-            same |= counts[d] == size
-        if same:
+            counts[p, d] = 0
+    for q in range(size):
+        key = keys[q]
+        for p in range(passes):
+            counts[p, 255 - ((key >> (8 * p)) & 255)] += 1
+    source, target = order, spare
+    for q in range(size):
+        source[q] = q
+    for p in range(passes):
+        if counts[p, 255 - ((keys[0] >> (8 * p)) & 255)] == size:
             continue
         total = 0
         for d in range(256):
-            total, counts[d] = total + counts[d], total
+            total, counts[p, d] = total + counts[p, d], total
         for r in range(size):
-            q = order[r]
-            d = 255 - ((keys[q] >> shift) & 255)
-            spare[counts[d]] = q
-            counts[d] += 1
+            q = source[r]
+            d = 255 - ((keys[q] >> (8 * p)) & 255)
+            target[counts[p, d]] = q
+            counts[p, d] += 1
+        source, target = target, source
+    if source is not order:
         for r in range(size):
-            order[r] = spare[r]
+            order[r] = source[r]
 
 
 @jit()
@@ -202,34 +208,69 @@ def hop_column(w, keep, i, k):
 
 
 @jit(fastmath={"nnan", "nsz", "reassoc"})
-def hop_costs(w, keep, hop_cost, kept_w, dropped_w, only_changed, changed):
-    """Row-graph hop costs ``hop_cost[i, k] = min_j kept_w[k, j] - dropped_w[i, j]``, a
-    branch-free min-plus product: ``kept_w`` is ``w`` where kept, else +inf, and
-    ``dropped_w`` is ``w`` where dropped, else -inf, so invalid hops cost +inf. With
-    ``only_changed``, recomputes only the pairs touching a ``changed`` row."""
+def hop_costs(w, keep, hop_cost, kept_t, dropped_t, only_changed, changed, column):
+    """Row-graph hop costs ``hop_cost[i, k] = min_j w[k, j] - w[i, j]`` over the columns j
+    that row k keeps and row i drops (+inf if none). With ``only_changed``, recomputes only
+    the hops from or to a ``changed`` row.
+
+    ``kept_t[j, k]`` is ``w[k, j]`` where kept, else +inf, and ``dropped_t[j, i]`` is
+    ``w[i, j]`` where dropped, else -inf (refreshed here for the rows recomputed), so the
+    minimum is branch-free. Above ``m = 8`` every inner loop is an element-wise minimum over
+    contiguous memory, which the compiler vectorizes (a minimum *reduction* it does not);
+    up to ``m = 8`` such short vector loops cost more than they save, and one scalar
+    minimum per hop is faster (4:8 exact: 2.9x against 3.2x topk).
+    """
     m = w.shape[0]
     for i in range(m):
         if not only_changed or changed[i]:
             for j in range(m):
-                kept_w[i, j] = w[i, j] if keep[i, j] else np.inf
-                dropped_w[i, j] = -np.inf if keep[i, j] else w[i, j]
-    for i in range(m):
+                kept_t[j, i] = w[i, j] if keep[i, j] else np.inf
+                dropped_t[j, i] = -np.inf if keep[i, j] else w[i, j]
+    if m <= 8:
+        for i in range(m):
+            for k in range(m):
+                if only_changed and not (changed[i] or changed[k]):
+                    continue
+                best = np.inf
+                for j in range(m):
+                    best = min(best, kept_t[j, k] - dropped_t[j, i])
+                hop_cost[i, k] = best
+        return
+    for i in range(m):  # hops from row i
+        if only_changed and not changed[i]:
+            continue
         for k in range(m):
-            if only_changed and not (changed[i] or changed[k]):
-                continue
-            best = np.inf
-            for j in range(m):
-                best = min(best, kept_w[k, j] - dropped_w[i, j])
-            hop_cost[i, k] = best
+            hop_cost[i, k] = np.inf
+        for j in range(m):
+            if not keep[i, j]:
+                offset = w[i, j]
+                for k in range(m):
+                    candidate = kept_t[j, k] - offset
+                    hop_cost[i, k] = candidate if candidate < hop_cost[i, k] else hop_cost[i, k]
+    if not only_changed:
+        return
+    for k in range(m):  # hops into row k
+        if not changed[k]:
+            continue
+        for i in range(m):
+            column[i] = np.inf
+        for j in range(m):
+            if keep[k, j]:
+                offset = w[k, j]
+                for i in range(m):
+                    candidate = offset - dropped_t[j, i]
+                    column[i] = candidate if candidate < column[i] else column[i]
+        for i in range(m):
+            hop_cost[i, k] = column[i]
 
 
 @jit()
-def two_opt_tile(w, keep, max_rounds, tol, hop_cost, kept_w, dropped_w, changed):
+def two_opt_tile(w, keep, max_rounds, tol, hop_cost, kept_w, dropped_w, changed, column):
     """Swaps between pairs of rows (row i gives up a column to row k and takes one
     back): the negative 2-cycles i -> k -> i of the row graph. Up to ``max_rounds``
     passes over all row pairs; stops early when a pass gains nothing above ``tol``."""
     m = w.shape[0]
-    hop_costs(w, keep, hop_cost, kept_w, dropped_w, False, changed)
+    hop_costs(w, keep, hop_cost, kept_w, dropped_w, False, changed, column)
     for _ in range(max_rounds):
         improved = False
         for i in range(m):
@@ -244,17 +285,36 @@ def two_opt_tile(w, keep, max_rounds, tol, hop_cost, kept_w, dropped_w, changed)
                     changed[:] = False
                     changed[i] = True
                     changed[k] = True
-                    hop_costs(w, keep, hop_cost, kept_w, dropped_w, True, changed)
+                    hop_costs(w, keep, hop_cost, kept_w, dropped_w, True, changed, column)
                     improved = True
         if not improved:
             return
 
 
+@jit(inline="always")
+def relax_from(start, i, costs, dist, pred, relaxed, tol):
+    """Relax every hop out of row ``i`` (at distance ``start``) that gains more than
+    ``tol``: branch-free, so the compiler vectorizes it. Returns how many relaxed."""
+    changes = 0
+    for k in range(costs.shape[0]):
+        candidate = start + costs[k]
+        better = candidate < dist[k] - tol
+        dist[k] = candidate if better else dist[k]
+        pred[k] = i if better else pred[k]
+        relaxed[k] |= better
+        changes += better
+    return changes
+
+
 @jit()
-def find_pred_cycle(pred, relaxed, stamp, m):
-    """A node on a cycle of the predecessor graph, walking back from the rows relaxed in
-    this pass (each row visited once), or -1."""
+def cancel_pred_cycles(w, keep, hop_cost, pred, relaxed, stamp, changed):
+    """Cancel every cycle of the predecessor graph, found by walking back from the rows
+    relaxed in this pass (each row visited once), and mark their rows ``changed``; returns
+    how many. The cycles share no row, so canceling one leaves the others' hops valid."""
+    m = pred.shape[0]
     stamp[:] = -1
+    changed[:] = False
+    found = 0
     for s in range(m):
         if not relaxed[s]:
             continue
@@ -262,52 +322,9 @@ def find_pred_cycle(pred, relaxed, stamp, m):
         while v >= 0 and stamp[v] < 0:
             stamp[v] = s
             v = pred[v]
-        if v >= 0 and stamp[v] == s:
-            return v
-    return -1
-
-
-@jit()
-def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp,
-                           changed):
-    """Cancel improving cycles until Bellman-Ford proves there is none.
-
-    Works on the row graph: a hop row i -> row k through column j keeps (i, j) (dropped
-    now) and drops (k, j) (kept now), at cost ``w[k, j] - w[i, j]``; between two rows
-    only the cheapest column matters. Residual cycles and row-graph cycles are the same
-    thing, so no negative row cycle means optimal. Every row starts at distance 0 (a
-    virtual source); a hop relaxes only when it gains more than ``tol``, so on return no
-    cycle gains more than ``m * tol``. Passes run until nothing relaxes (optimal) or the
-    predecessor graph has a cycle: every such cycle is negative (around it, each
-    predecessor's distance plus the hop cost is at most the distance it set, and the last
-    hop set lowered one by more than ``tol``), and while a negative cycle exists one
-    appears after finitely many passes (Cherkassky and Goldberg, 1999). Returns the number
-    of cycles canceled.
-    """
-    m = w.shape[0]
-    canceled = 0
-    hop_costs(w, keep, hop_cost, kept_w, dropped_w, False, changed)
-    while True:
-        dist[:] = 0.0
-        pred[:] = -1
-        while True:
-            relaxed[:] = False
-            any_relaxed = False
-            for i in range(m):
-                for k in range(m):
-                    d = dist[i] + hop_cost[i, k]
-                    if d < dist[k] - tol:
-                        dist[k] = d
-                        pred[k] = i
-                        relaxed[k] = True
-                        any_relaxed = True
-            if not any_relaxed:
-                return canceled
-            start = find_pred_cycle(pred, relaxed, stamp, m)
-            if start >= 0:
-                break
-        changed[:] = False
-        v = start
+        if v < 0 or stamp[v] != s:
+            continue
+        start = v
         while True:  # columns first, then flips: a flip changes later hops' columns
             u = pred[v]
             hop_cost[u, v] = hop_column(w, keep, u, v)
@@ -323,8 +340,47 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
             v = u
             if v == start:
                 break
-        hop_costs(w, keep, hop_cost, kept_w, dropped_w, True, changed)
-        canceled += 1
+        found += 1
+    return found
+
+
+@jit()
+def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp,
+                           changed, column):
+    """Cancel improving cycles until Bellman-Ford proves there is none.
+
+    Works on the row graph: a hop row i -> row k through column j keeps (i, j) (dropped
+    now) and drops (k, j) (kept now), at cost ``w[k, j] - w[i, j]``; between two rows
+    only the cheapest column matters. Residual cycles and row-graph cycles are the same
+    thing, so no negative row cycle means optimal. Every row starts at distance 0 (a
+    virtual source); a hop relaxes only when it gains more than ``tol``, so on return no
+    cycle gains more than ``m * tol``. Passes run until nothing relaxes (optimal) or the
+    predecessor graph has a cycle: every such cycle is negative (around it, each
+    predecessor's distance plus the hop cost is at most the distance it set, and the last
+    hop set lowered one by more than ``tol``), and while a negative cycle exists one
+    appears after finitely many passes (Cherkassky and Goldberg, 1999); all the cycles of
+    the predecessor graph are canceled before the next search. A pass relaxes the hops out
+    of one row at a time, branch-free, which the compiler vectorizes. Returns the number
+    of cycles canceled.
+    """
+    m = w.shape[0]
+    canceled = 0
+    hop_costs(w, keep, hop_cost, kept_w, dropped_w, False, changed, column)
+    while True:
+        dist[:] = 0.0
+        pred[:] = -1
+        while True:
+            relaxed[:] = False
+            changes = 0
+            for i in range(m):
+                changes += relax_from(dist[i], i, hop_cost[i], dist, pred, relaxed, tol)
+            if changes == 0:
+                return canceled
+            found = cancel_pred_cycles(w, keep, hop_cost, pred, relaxed, stamp, changed)
+            if found > 0:
+                break
+        hop_costs(w, keep, hop_cost, kept_w, dropped_w, True, changed, column)
+        canceled += found
 
 
 @jit()
@@ -334,9 +390,9 @@ def tile_scratch(m):
     key_floats = np.empty(size, np.float32)
     return (np.empty((m, m), np.bool_), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(size),
             np.empty(size, np.int64), key_floats, key_floats.view(np.int32), np.empty(size, np.int64),
-            np.empty(size, np.int64), np.empty(256, np.int64),
+            np.empty(size, np.int64), np.empty((8, 256), np.int64),
             np.empty((m, m)), np.empty((m, m)), np.empty((m, m)), np.empty(m), np.empty(m, np.int64),
-            np.empty(m, np.bool_), np.empty(m, np.int64), np.empty(m, np.bool_))
+            np.empty(m, np.bool_), np.empty(m, np.int64), np.empty(m, np.bool_), np.empty(m))
 
 
 @jit()
@@ -345,7 +401,7 @@ def solve_tile(w, n, rounds, exact, float64_order, scratch):
     on one tile ``w`` (float64, non-negative); returns its mask (an array of ``scratch``).
     ``float64_order`` orders entries in float64 rather than by float32 keys."""
     (keep, row_count, col_count, flat, keys, key_floats, key_bits, order, spare, counts, hop_cost, kept_w, dropped_w,
-     dist, pred, relaxed, stamp, changed) = scratch
+     dist, pred, relaxed, stamp, changed, column) = scratch
     m = w.shape[0]
     keep[:] = False
     row_count[:] = 0
@@ -355,9 +411,9 @@ def solve_tile(w, n, rounds, exact, float64_order, scratch):
         complete_tile(w, n, keep, row_count, col_count)
     tol = 1e-12 * w[order[0] // m, order[0] % m]  # far above float64 rounding of an m-hop cycle
     if rounds > 0:
-        two_opt_tile(w, keep, rounds, tol, hop_cost, kept_w, dropped_w, changed)
+        two_opt_tile(w, keep, rounds, tol, hop_cost, kept_w, dropped_w, changed, column)
     if exact:
-        cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp, changed)
+        cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp, changed, column)
     return keep
 
 
