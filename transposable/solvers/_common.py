@@ -55,17 +55,22 @@ def shaped_like(result, tiles):
 
 
 def greedy_then_improve(tiles, n, rounds, exact):
-    """Greedy, completion, ``rounds`` of 2-opt and, if ``exact``, cycle canceling: with
+    """Greedy, completion, then ``rounds`` of 2-opt or, if ``exact``, cycle canceling: with
     numba on NumPy tiles, with torch on a tensor's own device; same shape out."""
     if is_torch(tiles):
         from . import _torch_tiles
 
         return shaped_like(_torch_tiles.solve(as_tiles(tiles), n, rounds, exact), tiles)
     from ._jit import announce_compile, in_parallel
-    from ._tile_kernels import solve_grid
+    from ._tile_kernels import exact_grid, greedy_grid
 
     grid = contiguous_grid(tiles)
     mask = np.empty(grid.shape, dtype=bool)
-    with announce_compile("greedy and cycle canceling"):
-        in_parallel(solve_grid, grid.shape[0], grid, n, rounds, exact, grid.dtype == np.float64, mask)
+    float64_order = grid.dtype == np.float64
+    if exact:
+        with announce_compile("cycle canceling"):
+            in_parallel(exact_grid, grid.shape[0], grid, n, float64_order, mask)
+    else:
+        with announce_compile("greedy"):
+            in_parallel(greedy_grid, grid.shape[0], grid, n, rounds, float64_order, mask)
     return shaped_like(mask, tiles)

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit
-from ._tile_kernels import solve_tile, tile_scratch
+from ._tile_kernels import exact_tile, tile_scratch
 
 
 @jit()
@@ -53,7 +53,7 @@ def tiles_value(A, rows, n):
         for i in range(m):
             for j in range(m):
                 w[i, j] = A[rows[i], first + j]
-        keep = solve_tile(w, n, 0, True, True, scratch)
+        keep = exact_tile(w, n, True, scratch)
         for i in range(m):
             for j in range(m):
                 if keep[i, j]:

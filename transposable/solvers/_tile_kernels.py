@@ -23,7 +23,7 @@ from ._common import SCALE_ABOVE
 from ._jit import jit
 
 
-@jit()
+@jit(inline="always")
 def load_tile(grid, a, b, w):
     """``|tile (a, b)|`` into ``w`` (float64). A tile whose largest entry is at least
     ``2**SCALE_ABOVE`` is scaled by a power of two (exact) to below 1, so that no sum of its
@@ -41,7 +41,7 @@ def load_tile(grid, a, b, w):
                 w[i, j] = math.ldexp(w[i, j], -exponent)
 
 
-@jit()
+@jit(inline="always")
 def store_tile(keep, out, a, b):
     m = keep.shape[0]
     for i in range(m):
@@ -53,7 +53,7 @@ def store_tile(keep, out, a, b):
 SORT_ABOVE = 64
 
 
-@jit()
+@jit(inline="always")
 def order_entries(w, float64_order, flat, keys, key_floats, key_bits, order, spare, counts):
     """Flat indices of the tile by decreasing ``w``, ties by increasing index, compared in
     the input's precision.
@@ -133,22 +133,24 @@ def radix_order(keys, bits, order, spare, counts):
             order[r] = source[r]
 
 
-@jit()
+@jit(inline="always")
 def greedy_tile(w, n, keep, row_count, col_count, order):
     """Hubara et al.'s greedy: visit entries in ``order`` (by decreasing ``w``) and keep
-    one while its row and its column hold fewer than ``n``. Returns how many it kept."""
+    one while its row and its column hold fewer than ``n``. Returns how many it kept.
+    Branch-free (whether an entry fits is as good as random to a branch predictor)."""
     m = w.shape[0]
     kept = 0
-    for q in order:
+    for r in range(m * m):
+        q = order[r]
         i = q // m
         j = q - i * m
-        if row_count[i] < n and col_count[j] < n:
-            keep[i, j] = True
-            row_count[i] += 1
-            col_count[j] += 1
-            kept += 1
-            if kept == n * m:
-                break
+        fits = (row_count[i] < n) & (col_count[j] < n)
+        keep[i, j] = fits
+        row_count[i] += fits
+        col_count[j] += fits
+        kept += fits
+        if kept == n * m:
+            break
     return kept
 
 
@@ -173,7 +175,7 @@ def best_short_path(w, n, keep, col_count, start):
     return best_c1, best_r1, best_c
 
 
-@jit()
+@jit(inline="always")
 def complete_tile(w, n, keep, row_count, col_count):
     """Fill every row and column of the tile up to exactly ``n`` kept entries, each
     missing unit by the largest-gain augmenting path start -> c1 -> r1 -> c.
@@ -208,10 +210,10 @@ def hop_column(w, keep, i, k):
 
 
 @jit(fastmath={"nnan", "nsz", "reassoc"})
-def hop_costs(w, keep, hop_cost, kept_t, dropped_t, only_changed, changed, column):
+def hop_costs(w, keep, hop_cost, kept_t, dropped_t, changed, column):
     """Row-graph hop costs ``hop_cost[i, k] = min_j w[k, j] - w[i, j]`` over the columns j
-    that row k keeps and row i drops (+inf if none). With ``only_changed``, recomputes only
-    the hops from or to a ``changed`` row.
+    that row k keeps and row i drops (+inf if none), for the hops from or to a ``changed``
+    row (all of them when every row is changed).
 
     ``kept_t[j, k]`` is ``w[k, j]`` where kept, else +inf, and ``dropped_t[j, i]`` is
     ``w[i, j]`` where dropped, else -inf (refreshed here for the rows recomputed), so the
@@ -221,15 +223,17 @@ def hop_costs(w, keep, hop_cost, kept_t, dropped_t, only_changed, changed, colum
     minimum per hop is faster (4:8 exact: 2.9x against 3.2x topk).
     """
     m = w.shape[0]
+    rows = 0
     for i in range(m):
-        if not only_changed or changed[i]:
+        if changed[i]:
+            rows += 1
             for j in range(m):
                 kept_t[j, i] = w[i, j] if keep[i, j] else np.inf
                 dropped_t[j, i] = -np.inf if keep[i, j] else w[i, j]
     if m <= 8:
         for i in range(m):
             for k in range(m):
-                if only_changed and not (changed[i] or changed[k]):
+                if not (changed[i] or changed[k]):
                     continue
                 best = np.inf
                 for j in range(m):
@@ -237,7 +241,7 @@ def hop_costs(w, keep, hop_cost, kept_t, dropped_t, only_changed, changed, colum
                 hop_cost[i, k] = best
         return
     for i in range(m):  # hops from row i
-        if only_changed and not changed[i]:
+        if not changed[i]:
             continue
         for k in range(m):
             hop_cost[i, k] = np.inf
@@ -247,7 +251,7 @@ def hop_costs(w, keep, hop_cost, kept_t, dropped_t, only_changed, changed, colum
                 for k in range(m):
                     candidate = kept_t[j, k] - offset
                     hop_cost[i, k] = candidate if candidate < hop_cost[i, k] else hop_cost[i, k]
-    if not only_changed:
+    if rows == m:
         return
     for k in range(m):  # hops into row k
         if not changed[k]:
@@ -264,28 +268,37 @@ def hop_costs(w, keep, hop_cost, kept_t, dropped_t, only_changed, changed, colum
             hop_cost[i, k] = column[i]
 
 
-@jit()
-def two_opt_tile(w, keep, max_rounds, tol, hop_cost, kept_w, dropped_w, changed, column):
+@jit(fastmath={"nnan", "nsz", "reassoc"}, inline="always")
+def two_opt_tile(w, keep, max_rounds, tol, kept_w, dropped_w):
     """Swaps between pairs of rows (row i gives up a column to row k and takes one
     back): the negative 2-cycles i -> k -> i of the row graph. Up to ``max_rounds``
-    passes over all row pairs; stops early when a pass gains nothing above ``tol``."""
+    passes over all row pairs; stops early when a pass gains nothing above ``tol``.
+
+    Each pair's two hop costs are computed when the pair is visited (``O(m)``, from
+    ``kept_w``: ``w`` where kept, else +inf, and ``dropped_w``: ``w`` where dropped, else
+    -inf, both kept current by every swap): ``O(m**3)`` a pass, with no table of all hop
+    costs to build and to update after each swap.
+    """
     m = w.shape[0]
-    hop_costs(w, keep, hop_cost, kept_w, dropped_w, False, changed, column)
+    for i in range(m):
+        for j in range(m):
+            kept_w[i, j] = w[i, j] if keep[i, j] else np.inf
+            dropped_w[i, j] = -np.inf if keep[i, j] else w[i, j]
     for _ in range(max_rounds):
         improved = False
         for i in range(m):
             for k in range(i + 1, m):
-                if hop_cost[i, k] + hop_cost[k, i] < -tol:
+                forward, backward = np.inf, np.inf
+                for j in range(m):
+                    forward = min(forward, kept_w[k, j] - dropped_w[i, j])
+                    backward = min(backward, kept_w[i, j] - dropped_w[k, j])
+                if forward + backward < -tol:
                     j = hop_column(w, keep, i, k)  # both columns before either flip
                     l = hop_column(w, keep, k, i)
-                    keep[i, j] = True
-                    keep[k, j] = False
-                    keep[k, l] = True
-                    keep[i, l] = False
-                    changed[:] = False
-                    changed[i] = True
-                    changed[k] = True
-                    hop_costs(w, keep, hop_cost, kept_w, dropped_w, True, changed, column)
+                    for row, col, kept in ((i, j, True), (k, j, False), (k, l, True), (i, l, False)):
+                        keep[row, col] = kept
+                        kept_w[row, col] = w[row, col] if kept else np.inf
+                        dropped_w[row, col] = -np.inf if kept else w[row, col]
                     improved = True
         if not improved:
             return
@@ -344,7 +357,7 @@ def cancel_pred_cycles(w, keep, hop_cost, pred, relaxed, stamp, changed):
     return found
 
 
-@jit()
+@jit(inline="always")
 def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp,
                            changed, column):
     """Cancel improving cycles until Bellman-Ford proves there is none.
@@ -365,7 +378,8 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
     """
     m = w.shape[0]
     canceled = 0
-    hop_costs(w, keep, hop_cost, kept_w, dropped_w, False, changed, column)
+    changed[:] = True
+    hop_costs(w, keep, hop_cost, kept_w, dropped_w, changed, column)
     while True:
         dist[:] = 0.0
         pred[:] = -1
@@ -379,13 +393,14 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
             found = cancel_pred_cycles(w, keep, hop_cost, pred, relaxed, stamp, changed)
             if found > 0:
                 break
-        hop_costs(w, keep, hop_cost, kept_w, dropped_w, True, changed, column)
+        hop_costs(w, keep, hop_cost, kept_w, dropped_w, changed, column)
         canceled += found
 
 
 @jit()
 def tile_scratch(m):
-    """The work arrays of :func:`solve_tile` for ``m x m`` tiles, allocated once per thread."""
+    """The work arrays of :func:`warm_start` and :func:`exact_tile` for ``m x m`` tiles,
+    allocated once per call of a driver."""
     size = m * m
     key_floats = np.empty(size, np.float32)
     return (np.empty((m, m), np.bool_), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(size),
@@ -395,13 +410,12 @@ def tile_scratch(m):
             np.empty(m, np.bool_), np.empty(m, np.int64), np.empty(m, np.bool_), np.empty(m))
 
 
-@jit()
-def solve_tile(w, n, rounds, exact, float64_order, scratch):
-    """Greedy, completion, up to ``rounds`` 2-opt passes and, if ``exact``, cycle canceling
-    on one tile ``w`` (float64, non-negative); returns its mask (an array of ``scratch``).
+@jit(inline="always")
+def warm_start(w, n, float64_order, scratch):
+    """Greedy and completion on one tile ``w`` (float64, non-negative): returns its mask
+    (an array of ``scratch``) and the gain below which changes are rounding (``tol``).
     ``float64_order`` orders entries in float64 rather than by float32 keys."""
-    (keep, row_count, col_count, flat, keys, key_floats, key_bits, order, spare, counts, hop_cost, kept_w, dropped_w,
-     dist, pred, relaxed, stamp, changed, column) = scratch
+    keep, row_count, col_count, flat, keys, key_floats, key_bits, order, spare, counts = scratch[:10]
     m = w.shape[0]
     keep[:] = False
     row_count[:] = 0
@@ -409,26 +423,47 @@ def solve_tile(w, n, rounds, exact, float64_order, scratch):
     order_entries(w, float64_order, flat, keys, key_floats, key_bits, order, spare, counts)
     if greedy_tile(w, n, keep, row_count, col_count, order) < n * m:
         complete_tile(w, n, keep, row_count, col_count)
-    tol = 1e-12 * w[order[0] // m, order[0] % m]  # far above float64 rounding of an m-hop cycle
-    if rounds > 0:
-        two_opt_tile(w, keep, rounds, tol, hop_cost, kept_w, dropped_w, changed, column)
-    if exact:
-        cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp, changed, column)
+    return keep, 1e-12 * w[order[0] // m, order[0] % m]  # far above float64 rounding of an m-hop cycle
+
+
+@jit(inline="always")
+def exact_tile(w, n, float64_order, scratch):
+    """The optimal mask of one tile: :func:`warm_start`, then cycle canceling."""
+    keep, tol = warm_start(w, n, float64_order, scratch)
+    hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp, changed, column = scratch[10:]
+    cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred, relaxed, stamp, changed, column)
     return keep
 
 
+# Two drivers rather than one with flags: a first call compiles only the steps it runs.
 @jit(nogil=True)
-def solve_grid(grid, n, rounds, exact, float64_order, out, start, stop):
-    """:func:`solve_tile` on the tiles of rows ``start`` to ``stop`` of the grid, into the
-    bool grid ``out``. ``float64_order`` (for float64 grids) orders entries in float64
-    rather than by float32 keys."""
+def greedy_grid(grid, n, rounds, float64_order, out, start, stop):
+    """:func:`warm_start` and up to ``rounds`` 2-opt passes on the tiles of rows ``start``
+    to ``stop`` of the grid, into the bool grid ``out``."""
+    m = grid.shape[1]
+    w = np.empty((m, m))
+    scratch = tile_scratch(m)
+    kept_w, dropped_w = scratch[11], scratch[12]
+    for a in range(start, stop):
+        for b in range(grid.shape[2]):
+            load_tile(grid, a, b, w)
+            keep, tol = warm_start(w, n, float64_order, scratch)
+            if rounds > 0:
+                two_opt_tile(w, keep, rounds, tol, kept_w, dropped_w)
+            store_tile(keep, out, a, b)
+
+
+@jit(nogil=True)
+def exact_grid(grid, n, float64_order, out, start, stop):
+    """:func:`exact_tile` on the tiles of rows ``start`` to ``stop`` of the grid, into the
+    bool grid ``out``."""
     m = grid.shape[1]
     w = np.empty((m, m))
     scratch = tile_scratch(m)
     for a in range(start, stop):
         for b in range(grid.shape[2]):
             load_tile(grid, a, b, w)
-            store_tile(solve_tile(w, n, rounds, exact, float64_order, scratch), out, a, b)
+            store_tile(exact_tile(w, n, float64_order, scratch), out, a, b)
 
 
 @jit(nogil=True)
