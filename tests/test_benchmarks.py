@@ -47,6 +47,20 @@ def test_gpu_mask_benchmark_runs_on_the_cpu(capsys):
             assert row["ratio_to_optimum"] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_mask_benchmark_runs_small_and_reports_every_method(capsys):
+    result = load("bench_masks").main(["--shapes", "64", "--patterns", "2:4", "4:8", "--repeat", "1", "--sample", "5",
+                                       "--scaling", "64", "128", "--first-calls", "exhaustive",
+                                       "--memory", "rowwise:2:4", "greedy:4:8"])
+    table = result["tables"]["4:8", 64]
+    assert {"row-wise torch.topk (baseline)", "row-wise nm_mask (baseline 2)", "greedy", "cyclecanceling",
+            "mincostflow"} <= set(table)
+    assert table["cyclecanceling"]["quality"] == 1.0 and table["greedy"]["quality"] <= 1.0
+    assert all(run[0] > 0 for run in result["first_calls"]["exhaustive"])  # CPU seconds, cold then warm
+    assert set(result["memory"]) == {("rowwise", "2:4"), ("greedy", "4:8")}
+    out = capsys.readouterr().out
+    assert "first call of exhaustive, empty cache" in out and "linear scaling" in out
+
+
 def test_training_step_benchmark_runs_on_the_cpu_and_refreshes():
     result = load("bench_train_step").main(["--hidden", "32", "--layers", "1", "--heads", "2", "--seq", "16",
                                             "--batch", "2", "--vocab", "50", "--steps", "40", "--warmup", "1"])

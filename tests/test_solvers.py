@@ -323,3 +323,73 @@ def test_engines_import_nothing_else_of_the_package():
                 assert node.level <= 1 and not (node.module or "").startswith("transposable"), (path.name, node.module)
             elif isinstance(node, ast.Import):
                 assert not any(alias.name.startswith("transposable") for alias in node.names), path.name
+
+
+# ---- compiled kernels: threads, ordering, dtypes, compile notice ---------------------------
+
+@pytest.mark.parametrize("name,n,m", [("exhaustive", 2, 4), ("greedy", 4, 8), ("cyclecanceling", 8, 16),
+                                      ("rowwise", 2, 4)])
+def test_masks_do_not_depend_on_the_number_of_threads(name, n, m, rng):
+    import numba
+
+    engine = solvers.rowwise if name == "rowwise" else solvers.TRANSPOSABLE[name]
+    data = rng.standard_normal((7 * m, 5 * m))  # 7 rows of tiles: uneven chunks on 2 threads
+    data[:, :m] = np.rint(data[:, :m])  # ties and zeros too
+    blocks = data.reshape(-1, m) if name == "rowwise" else data.reshape(7, m, 5, m)
+    masks = []
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        try:
+            masks.append(engine.solve(blocks, n))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert (masks[0] == masks[1]).all()
+
+
+@pytest.mark.parametrize("float64_order", [False, True])
+@pytest.mark.parametrize("m", [4, 8, 16, 32])
+def test_tile_entries_are_ordered_by_decreasing_magnitude_ties_to_the_lowest_index(m, float64_order, rng):
+    from transposable.solvers._tile_kernels import order_entries, tile_scratch
+
+    for tile in (rng.integers(0, 4, (m, m)).astype(np.float64), np.abs(rng.standard_normal((m, m))),
+                 np.zeros((m, m))):
+        if not float64_order:
+            tile = tile.astype(np.float32).astype(np.float64)  # what a float32 input gives the kernel
+        scratch = tile_scratch(m)
+        order = scratch[7]
+        order_entries(tile, float64_order, *scratch[3:7], order, *scratch[8:10])
+        expected = np.lexsort((np.arange(m * m), -tile.ravel()))  # by -value, then by index
+        assert order.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_rowwise_on_cpu_tensors_of_every_float_type_keeps_the_largest(dtype, rng):
+    weight = torch.tensor(rng.integers(-4, 5, (64, 8)), dtype=dtype)
+    strided = weight.T.contiguous().T  # a transposed view: not contiguous
+    for groups in (weight, strided):
+        mask = solvers.rowwise.solve(groups, 3)
+        values = groups.abs().double().numpy()
+        top = np.argsort(-values, axis=1, kind="stable")[:, :3]  # ties to the lowest index
+        expected = np.zeros(values.shape, dtype=bool)
+        np.put_along_axis(expected, top, True, axis=1)
+        assert isinstance(mask, torch.Tensor) and (mask.numpy() == expected).all()
+
+
+def test_compile_notice_only_when_numba_compiles(monkeypatch, caplog):
+    import time
+
+    from numba import njit
+
+    from transposable.solvers import _jit
+
+    solvers.greedy.solve(np.ones((1, 4, 4)), 2)  # compiled or loaded from the cache, unobserved
+    monkeypatch.setattr(_jit, "NOTICE_AFTER", 0.0)
+    with caplog.at_level("WARNING", logger="transposable.solvers"):
+        with _jit.announce_compile("nothing to compile"):
+            solvers.greedy.solve(np.ones((1, 4, 4)), 2)
+            time.sleep(0.05)
+        assert "compiling" not in caplog.text
+        with _jit.announce_compile("a new kernel"):
+            njit(lambda x: x + 1)(1)
+            time.sleep(0.05)
+        assert "compiling solver kernels for a new kernel" in caplog.text

@@ -4,7 +4,7 @@ canceling until Bellman-Ford certifies optimality.
 The completed greedy mask is a feasible n-regular flow already within about a percent of
 the optimum, so few cycles are left to cancel (0.6 per 4:8 tile, 2.8 per 8:16 tile on
 Gaussian weights); the Bellman-Ford run that finds none is the certificate. Everything runs
-in numba, in parallel over tiles.
+in numba, on threads over rows of tiles.
 """
 from ._common import always, greedy_then_improve
 
@@ -41,8 +41,9 @@ def solve(tiles, n):
     Sums run in float64; a hop must gain more than ``1e-12 * max|w_tile|``, so each
     tile's kept sum is within ``n * m**2 * 1e-12 * max|w_tile|`` of the optimum, tighter
     than ``mincostflow``'s integer scaling. On a GPU, sums run in float32 and a hop must
-    gain more than ``1e-6 * max|w_tile|``. Cost per tile: the greedy warm start, then
-    ``O(m**3)`` to build the row graph and per Bellman-Ford pass, per canceled cycle.
+    gain more than ``1e-6 * max|w_tile|``. Cost per tile: the greedy warm start,
+    ``O(m**3)`` to build the row graph, then per search ``O(m**2)`` per Bellman-Ford pass
+    (vectorized) and ``O(m**2)`` per row of the cycles it cancels to update the graph.
 
     Examples
     --------

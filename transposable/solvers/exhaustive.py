@@ -2,8 +2,9 @@
 
 An m x m tile has only a few masks with ``n`` kept in every row and column (90 for 2:4),
 so scoring them all and taking the best is exact and cheap. NumPy tiles are scored by a
-numba kernel (row sums per column choice, sums over the top and bottom halves' choices,
-then one addition per pattern); torch tensors by one matrix product
+numba kernel (row sums per column choice; the best bottom half of the tile for every
+column count it leaves; every top half with the best bottom half that completes it),
+vectorized across a row of tiles; torch tensors by one matrix product
 ``|tiles| @ patterns.T`` on the tensor's own device.
 """
 import itertools
@@ -149,8 +150,8 @@ def solve(tiles, n):
     where float64 is slow); among equal scores the lowest-index pattern wins. A tile whose
     largest magnitude is huge (``>= 2**512``) is scaled by a power of two first, so sums do
     not overflow. Cost per tile ``O(C**(m/2) * m)`` for ``C`` row choices: the best top
-    half and the best bottom half for every column count they share (numba, in parallel
-    over tiles), or ``O(P * m**2)`` for ``P`` patterns as one matrix product (torch).
+    half and the best bottom half for every column count they share (numba, vectorized
+    across a row of tiles, on threads over rows of tiles), or ``O(P * m**2)`` for ``P`` patterns as one matrix product (torch).
 
     Examples
     --------

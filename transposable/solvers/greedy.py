@@ -47,8 +47,9 @@ def solve(tiles, n, *, rounds=ROUNDS):
     that the completed mask still keeps at least half of the optimum. Each 2-opt pass
     tries, for every pair of rows, the best exchange of one kept column each
     (``O(m**3)``) and never lowers the kept sum. Ties go to the lowest flat index.
+    Entries are ordered by rank counting up to 8x8 tiles and by a radix sort above.
     ``O(m**2 log m + rounds * m**3)`` per tile, so linear in the number of tiles;
-    compiled with numba and run in parallel over tiles.
+    compiled with numba and run on threads over rows of tiles.
 
     Examples
     --------
