@@ -204,6 +204,15 @@ def scaling(sizes, cases, repeat):
 
 
 def main(argv=None):
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        return run(argv)
+    finally:  # the timings set both libraries' thread counts; a caller gets its own back
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
+
+
+def run(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--patterns", nargs="+", default=["2:4", "4:8", "8:16", "16:32"])
