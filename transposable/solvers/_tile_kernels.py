@@ -484,6 +484,18 @@ def exact_grid(grid, n, float64_order, out, start, stop):
             store_tile(exact_tile(w, n, float64_order, scratch), out, a, b)
 
 
+@jit(inline="always")
+def half_sums(row_sums, choices, first, total):
+    """``total[b]`` = the sum over rows ``first + i`` of ``row_sums[first + i, choices[i], b]``
+    (one half of a tile pattern, for every tile b of a row of tiles)."""
+    for b in range(total.shape[0]):
+        total[b] = 0.0
+    for i in range(choices.shape[0]):
+        row_sum = row_sums[first + i, choices[i]]
+        for b in range(total.shape[0]):
+            total[b] += row_sum[b]
+
+
 @jit(nogil=True)
 def exhaustive_grid(grid, row_choices, top_rows, top_bucket, bottom_rows, bottom_bucket, out, start, stop):
     """The best of all valid tile patterns for the tiles of rows ``start`` to ``stop`` of
@@ -537,12 +549,7 @@ def exhaustive_grid(grid, row_choices, top_rows, top_bucket, bottom_rows, bottom
             bucket = bottom_bucket[u]
             if bucket < 0:
                 continue
-            for b in range(across):
-                total[b] = 0.0
-            for i in range(m - h):
-                row_sum = row_sums[h + i, bottom_rows[u, i]]
-                for b in range(across):
-                    total[b] += row_sum[b]
+            half_sums(row_sums, bottom_rows[u], h, total)
             for b in range(across):
                 better = total[b] > best_bottom[bucket, b]
                 best_bottom[bucket, b] = total[b] if better else best_bottom[bucket, b]
@@ -552,12 +559,7 @@ def exhaustive_grid(grid, row_choices, top_rows, top_bucket, bottom_rows, bottom
             bucket = top_bucket[t]
             if bucket < 0:
                 continue
-            for b in range(across):
-                total[b] = 0.0
-            for i in range(h):
-                row_sum = row_sums[i, top_rows[t, i]]
-                for b in range(across):
-                    total[b] += row_sum[b]
+            half_sums(row_sums, top_rows[t], 0, total)
             for b in range(across):
                 pair = total[b] + best_bottom[bucket, b]
                 better = pair > best[b]
