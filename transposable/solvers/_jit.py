@@ -14,8 +14,7 @@ really compiles and is still busy after ``NOTICE_AFTER`` seconds, so a command-l
 knows why; loading from the cache never logs.
 
 The kernels are serial and release the GIL; ``in_parallel`` runs them over chunks of the
-work on threads. Compiling a ``parallel=True`` kernel costs seconds more, and loading one
-from the cache starts numba's threading layer (0.15 s) in every process.
+work on threads: compiling a ``parallel=True`` kernel costs seconds more than a serial one.
 """
 import contextlib
 import functools
