@@ -108,8 +108,10 @@ def test_streamed_sharded_pytorch_and_gpt2_checkpoints_equal_the_whole_model_pat
 def test_permuted_and_offloaded_streaming_equals_the_whole_model_path(folders, tmp_path):
     spill = tmp_path / "activations"
     spill.mkdir()
+    # A budget every search converges in (the MLP dimension takes about 4 s here): a search
+    # stopped by its clock keeps whatever its rounds reached, which differs from run to run.
     in_memory, streamed = run_both(folders, tmp_path, "llama-single", "2:4", True, "adaprune", permute=True,
-                                   offload_activations=spill)
+                                   permute_seconds=30, offload_activations=spill)
     assert_same_folders(in_memory, streamed)
     assert list(spill.iterdir()) == []  # the activation files are gone
 
