@@ -235,11 +235,28 @@ def hop_costs(w, keep, hop_cost, kept_t, dropped_t, changed, column):
     ``kept_t[j, k]`` is ``w[k, j]`` where kept, else +inf, and ``dropped_t[j, i]`` is
     ``w[i, j]`` where dropped, else -inf (refreshed here for the rows recomputed), so the
     minimum is branch-free. Above ``m = 8`` every inner loop is an element-wise minimum over
-    contiguous memory, which the compiler vectorizes (a minimum *reduction* it does not);
-    up to ``m = 8`` such short vector loops cost more than they save, and one scalar
-    minimum per hop is faster (4:8 exact: 2.9x against 3.2x topk).
+    contiguous memory, which the compiler vectorizes (a minimum *reduction* it does not).
+    Up to ``m = 8`` such short vector loops cost more than they save: one scalar minimum per
+    hop is faster, over the tables stored untransposed (``kept_t[k, j]``, ``dropped_t[i,
+    j]``) so that it reads two contiguous rows (4:8 exact on an Intel Xeon: 3.3x topk,
+    against 3.5x transposed).
     """
     m = w.shape[0]
+    if m <= 8:  # row-major tables: each hop's minimum reads two contiguous rows
+        for i in range(m):
+            if changed[i]:
+                for j in range(m):
+                    kept_t[i, j] = w[i, j] if keep[i, j] else np.inf
+                    dropped_t[i, j] = -np.inf if keep[i, j] else w[i, j]
+        for i in range(m):
+            for k in range(m):
+                if not (changed[i] or changed[k]):
+                    continue
+                best = np.inf
+                for j in range(m):
+                    best = min(best, kept_t[k, j] - dropped_t[i, j])
+                hop_cost[i, k] = best
+        return
     rows = 0
     for i in range(m):
         if changed[i]:
@@ -247,16 +264,6 @@ def hop_costs(w, keep, hop_cost, kept_t, dropped_t, changed, column):
             for j in range(m):
                 kept_t[j, i] = w[i, j] if keep[i, j] else np.inf
                 dropped_t[j, i] = -np.inf if keep[i, j] else w[i, j]
-    if m <= 8:
-        for i in range(m):
-            for k in range(m):
-                if not (changed[i] or changed[k]):
-                    continue
-                best = np.inf
-                for j in range(m):
-                    best = min(best, kept_t[j, k] - dropped_t[j, i])
-                hop_cost[i, k] = best
-        return
     for i in range(m):  # hops from row i
         if not changed[i]:
             continue
@@ -324,8 +331,22 @@ def two_opt_tile(w, keep, max_rounds, tol, kept_w, dropped_w):
 @jit(inline="always")
 def relax_from(start, i, costs, dist, pred, relaxed, tol):
     """Relax every hop out of row ``i`` (at distance ``start``) that gains more than
-    ``tol``: branch-free, so the compiler vectorizes it. Returns how many relaxed."""
+    ``tol``. Returns how many relaxed.
+
+    Above ``m = 8`` branch-free, so the compiler vectorizes it; up to ``m = 8`` the loop is
+    too short for vector code, and a branch is cheaper: after the first pass few hops relax,
+    so it is well predicted (4:8 exact on an Intel Xeon: 3.5x topk against 3.9x).
+    """
     changes = 0
+    if costs.shape[0] <= 8:
+        for k in range(costs.shape[0]):
+            candidate = start + costs[k]
+            if candidate < dist[k] - tol:
+                dist[k] = candidate
+                pred[k] = i
+                relaxed[k] = True
+                changes += 1
+        return changes
     for k in range(costs.shape[0]):
         candidate = start + costs[k]
         better = candidate < dist[k] - tol
