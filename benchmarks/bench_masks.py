@@ -152,6 +152,8 @@ def first_calls(method, patterns):
 MEMORY_PROBE = """
 import json, os, sys, threading, time, numpy as np, torch, transposable as tp
 size, pattern, method = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path.insert(0, sys.argv[4])
+from bench_masks import topk_mask
 n, m = tp.parse_pattern(pattern)
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
@@ -159,8 +161,7 @@ def rss():
         return int(f.read().split()[1]) * page
 def solve(weight):
     if method == "topk":
-        groups = weight.abs().reshape(-1, m)
-        return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(n, dim=1).indices, True)
+        return topk_mask(weight, n, m)
     if method == "rowwise":
         return tp.nm_mask(weight, pattern)
     return tp.transposable_mask(weight, pattern, method=method)
@@ -183,7 +184,7 @@ print(json.dumps({"extra_bytes": max(peak[0], rss()) - before, "weight_bytes": w
 def peak_extra_memory(size, pattern, method):
     """Peak RSS growth while solving (the mask included), in a fresh process, as a
     multiple of the weight's size."""
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(size), pattern, method],
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(size), pattern, method, str(Path(__file__).parent)],
                          capture_output=True, text=True, check=True)
     probe = json.loads(out.stdout)
     return probe["extra_bytes"] / probe["weight_bytes"]

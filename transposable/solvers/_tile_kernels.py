@@ -454,7 +454,7 @@ def warm_start(w, n, float64_order, scratch):
     (an array of ``scratch``) and the gain below which changes are rounding (``tol``).
     ``float64_order`` orders entries in float64 rather than by float32 keys."""
     keep, row_count, col_count, flat, keys, key_floats, key_bits, order, spare, counts = scratch[:10]
-    head_gain = scratch[18]
+    head_gain = scratch[18]  # the cycle search's ``column``: the two are never in use at once
     m = w.shape[0]
     keep[:] = False
     row_count[:] = 0

@@ -151,7 +151,8 @@ def solve(tiles, n):
     largest magnitude is huge (``>= 2**512``) is scaled by a power of two first, so sums do
     not overflow. Cost per tile ``O(C**(m/2) * m)`` for ``C`` row choices: the best top
     half and the best bottom half for every column count they share (numba, vectorized
-    across a row of tiles, on threads over rows of tiles), or ``O(P * m**2)`` for ``P`` patterns as one matrix product (torch).
+    across a row of tiles, on threads over rows of tiles), or ``O(P * m**2)`` for ``P``
+    patterns as one matrix product (torch).
 
     Examples
     --------
