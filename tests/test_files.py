@@ -22,7 +22,7 @@ import transposable.masks
 from checks import assert_valid_mask
 from transposable.cli import main
 from transposable.formats.safetensors_file import header_bytes, read_header
-from transposable.io import atomic_outputs
+from transposable.io import atomic_directory, atomic_outputs
 
 CLI = [sys.executable, "-m", "transposable"]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "transposable"  # what a user runs
@@ -206,6 +206,71 @@ def test_sigterm_removes_the_partial_output_and_says_so(tmp_path):
     assert process.wait(timeout=120) == 143
     assert process.stderr.read() == "transposable convert: terminated; no output was written\n"
     assert files_in(out_dir) == []
+
+
+def interrupted_at_every_step(write, folder):
+    """Run ``write(target_folder)`` once for each step it takes in ``transposable.io`` (a call,
+    a built-in's call and its return), with KeyboardInterrupt raised at that step, as a
+    signal's handler raises it; yield each interrupted run's folder, then the folder of a run
+    that completed. (Not at a Python function's return: raised there, it would end a
+    generator at its ``yield`` without running its handlers, which no signal can do.)"""
+    io_file = sys.modules["transposable.io"].__file__
+    step = 0
+    while True:
+        step += 1
+        target, seen = folder / f"run{step}", 0
+        target.mkdir()
+
+        def interrupt_at_step(frame, event, arg):
+            nonlocal seen
+            if frame.f_code.co_filename == io_file and event != "return":
+                seen += 1
+                if seen == step:
+                    raise KeyboardInterrupt
+
+        sys.setprofile(interrupt_at_step)
+        try:
+            write(target)
+            completed = True
+        except KeyboardInterrupt:  # dropped here, as the command drops it: what it held is freed
+            completed = False
+        finally:
+            sys.setprofile(None)
+        yield target
+        if completed:
+            return
+
+
+def test_an_interrupt_at_any_step_leaves_all_the_outputs_or_none(tmp_path):
+    def write(folder):
+        with atomic_outputs([folder / "model.safetensors", folder / "report.json"]) as temporaries:
+            for tmp in temporaries.values():
+                Path(tmp).write_text("ours")
+
+    runs = list(interrupted_at_every_step(write, tmp_path))
+    assert len(runs) > 50
+    *interrupted, completed = runs
+    outputs = ["model.safetensors", "report.json"]
+    assert files_in(completed) == outputs
+    assert {run.name: files_in(run) for run in interrupted if files_in(run) not in ([], outputs)} == {}
+    assert all((run / name).read_text() == "ours" for run in interrupted if files_in(run) for name in outputs)
+
+
+def test_an_interrupt_at_any_step_leaves_the_directory_whole_or_untouched(tmp_path):
+    def write(folder):
+        (folder / "model").mkdir()
+        (folder / "model" / "old.json").write_text("the original")
+        with atomic_directory(folder / "model", force=True) as temporary:
+            (temporary / "new.json").write_text("ours")
+
+    runs = list(interrupted_at_every_step(write, tmp_path))
+    assert len(runs) > 15
+    *interrupted, completed = runs
+    assert files_in(completed) == ["model", "model/new.json"]
+    assert {run.name: files_in(run) for run in interrupted
+            if files_in(run) not in (["model", "model/old.json"], ["model", "model/new.json"])} == {}
+    assert all((run / "model" / "old.json").read_text() == "the original" for run in interrupted
+               if (run / "model" / "old.json").exists())
 
 
 def test_the_next_run_removes_what_a_killed_run_left(tmp_path):

@@ -13,8 +13,8 @@
 import contextlib
 import errno
 import os
+import secrets
 import socket
-import tempfile
 from pathlib import Path
 
 _HOST = socket.gethostname().replace(".", "_")
@@ -168,10 +168,8 @@ def atomic_outputs(paths, *, force=False):
     try:
         for path in paths:
             _remove_stale_temporaries(path)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".partial",
-                                       dir=path.parent)
-            os.close(fd)
-            temporaries[path] = tmp
+            temporaries[path] = str(_temporary_beside(path))
+            os.close(os.open(temporaries[path], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         yield dict(temporaries)
         _commit(temporaries, force)
     except BaseException as exc:
@@ -262,25 +260,29 @@ def atomic_directory(path, *, force=False):
     if path.exists() and not force:
         raise FileExistsError(f"output '{path}' exists; pass --force (force=True) to replace it, or write elsewhere")
     _remove_stale_temporaries(path)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".partial", dir=path.parent))
-    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes 0700; the output gets what mkdir would give it
+    folder, old = _temporary_beside(path), None
     try:
+        os.mkdir(folder)
         yield folder
-        old = None
         if path.exists() and force:
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            old = _temporary_beside(path, ending="replaced")
+            os.mkdir(old)
             os.replace(path, old / "replaced")
         try:
             os.rename(folder, path)  # fails if a non-empty directory appeared meanwhile
         except OSError as exc:
-            if old is not None:
-                os.replace(old / "replaced", path)
             raise FileExistsError(f"output '{path}' appeared while this run was writing it (another run?); it "
                                   f"was not replaced") from exc
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         cause = _write_failure(exc, {path: str(folder / ".space-probe")} if folder.is_dir() else {})
+        if old is not None:  # set after the block, so the folder was complete: did it move into place?
+            if folder.exists():
+                with contextlib.suppress(OSError):  # the original back, unless another run's took its place
+                    os.replace(old / "replaced", path)
+            if not folder.exists() or not (old / "replaced").exists():
+                shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
         if cause is not None:
             raise OSError(cause.errno, f"cannot write '{path}': {cause.strerror}") from exc
@@ -289,21 +291,24 @@ def atomic_directory(path, *, force=False):
 
 def _commit(temporaries, force):
     """fsync, give the usual mode, and move into place; undo this call's moves on failure."""
-    placed = []
+    placed = {}
     try:
         for path, tmp in temporaries.items():
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())  # temporaries are 0600; outputs get the usual mode
-            if force:
+            if force:  # what it replaces is gone: nothing to restore
                 os.replace(tmp, path)
             else:
+                # recorded before the move, so that an interrupt during it still undoes it; only a
+                # file that is this temporary (same inode) is removed, never one another run put there
+                placed[path] = os.stat(tmp)
                 _move_no_clobber(tmp, path)
-                placed.append(path)
     except BaseException:
-        for path in placed:
+        for path, ours in placed.items():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                if os.path.samestat(os.stat(path), ours):
+                    os.unlink(path)
         raise
 
 
@@ -349,6 +354,18 @@ def _write_failure(exc, temporaries):
             if probe.errno is not None:
                 return probe
     return None
+
+
+def _temporary_beside(path, ending="partial"):
+    """A new temporary's name beside ``path``, marked with this host and process so that
+    :func:`_remove_stale_temporaries` can tell a killed run's leftovers (those ending in
+    ``.partial``; a ``.replaced`` folder holds an original that was not put back).
+
+    Callers record the name before they create the file, so that an interrupt (Ctrl-C,
+    SIGTERM), which may arrive between any two lines, always finds it to remove. A name that
+    exists already can only belong to this process or to a dead one with the same id.
+    """
+    return path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(8)}.{ending}"
 
 
 def _remove_stale_temporaries(path):
