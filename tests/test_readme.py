@@ -47,7 +47,9 @@ def test_readme_training_table_is_what_train_demo_prints(capsys):
     assert main(["train", "--demo"]) == 0
     captured = capsys.readouterr()
     assert printed_table(captured.out) == readme_table("`transposable train --demo` trains")
-    assert len(captured.err.splitlines()) == 9  # one line per finished run (stderr is no terminal)
+    finished = [line for line in captured.err.splitlines()  # with an empty numba cache, compile notices too
+                if not line.startswith("transposable: compiling solver kernels")]
+    assert len(finished) == 9  # one line per finished run (stderr is no terminal)
 
 
 def test_the_training_demo_prints_the_same_table_on_other_cpus_and_thread_counts():
