@@ -2,7 +2,7 @@
 canceling until Bellman-Ford certifies optimality.
 
 The completed greedy mask is a feasible n-regular flow already within about a percent of
-the optimum, so few cycles are left to cancel (1.6 per 4:8 tile, 5.8 per 8:16 tile on
+the optimum, so few cycles are left to cancel (1.6 per 4:8 tile, 5.7 per 8:16 tile on
 Gaussian weights); the Bellman-Ford run that finds none is the certificate. Everything runs
 in numba, on threads over rows of tiles.
 """
