@@ -50,6 +50,27 @@ def test_group_values_match_brute_force(kind, n, m):
 
 
 @pytest.mark.parametrize("transposable", [True, False])
+def test_the_search_does_not_depend_on_the_thread_count(transposable):
+    import numba
+
+    threads = min(2, numba.config.NUMBA_NUM_THREADS)
+    if threads < 2:
+        pytest.skip("one thread only: nothing to compare")
+    scores = random_scores(np.random.default_rng(3), (64, 96), "gaussian")
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for count in (1, threads):
+            numba.set_num_threads(count)
+            results.append(find_permutation(scores, "2:4", transposable=transposable, max_rounds=40, seconds=60))
+    finally:
+        numba.set_num_threads(before)
+    one, many = results
+    assert list(one.rows) == list(many.rows) and list(one.columns) == list(many.columns)
+    assert one.kept == many.kept
+
+
+@pytest.mark.parametrize("transposable", [True, False])
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_result_is_a_permutation_and_its_kept_score_is_what_the_exact_mask_keeps(transposable, pattern):
     rng = np.random.default_rng(1)

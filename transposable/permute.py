@@ -245,8 +245,6 @@ def search(A, n, m, *, tiles, seconds, max_rounds=None, rng=None, start=None):
     >>> value, converged
     (136.0, True)
     """
-    from .solvers._permutation_kernels import group_values, improve_pairs
-
     A = np.ascontiguousarray(A, dtype=np.float64)
     rng = np.random.default_rng(0) if rng is None else rng
     groups = A.shape[0] // m
@@ -254,10 +252,10 @@ def search(A, n, m, *, tiles, seconds, max_rounds=None, rng=None, start=None):
     begin = time.perf_counter()
     if start is not None:
         order = np.array(start, dtype=np.int64)
-        values = group_values(A, order, m, n, tiles)
+        values = _group_values(A, order, m, n, tiles)
     else:
         candidates = [np.arange(A.shape[0]), _balanced_deal(A, m)]
-        scored = [(group_values(A, order, m, n, tiles), order) for order in candidates]
+        scored = [(_group_values(A, order, m, n, tiles), order) for order in candidates]
         values, order = max(scored, key=lambda pair: pair[0].sum())
     schedule = _round_robin(groups, rng)
     tol = 1e-12 * max(float(values.sum()), 1e-300)
@@ -273,23 +271,43 @@ def search(A, n, m, *, tiles, seconds, max_rounds=None, rng=None, start=None):
         if (max_rounds is not None and rounds >= max_rounds) or time.perf_counter() - begin >= seconds:
             break
         pairs = schedule[rounds % len(schedule)]
-        gain = improve_pairs(A, order, values, pairs, m, n, tiles, candidates, tol).sum()
+        gain = _improve_pairs(A, order, values, pairs, m, n, tiles, candidates, tol).sum()
         quiet = 0 if gain > 0 else quiet + 1
         rounds += 1
     converged = not schedule or (quiet >= len(schedule) and (candidates >= m * m or not tiles))
     return order, float(values.sum()), rounds, converged
 
 
+def _group_values(A, order, m, n, tiles):
+    """The value of every group of ``order`` (float64), on threads over the groups."""
+    from .solvers._jit import in_parallel
+    from .solvers._permutation_kernels import group_values
+
+    values = np.empty(len(order) // m)
+    in_parallel(group_values, len(values), A, order, m, n, tiles, values)
+    return values
+
+
+def _improve_pairs(A, order, values, pairs, m, n, tiles, candidates, tol):
+    """One best swap for every pair of groups, in place; returns each pair's gain. On
+    threads over the pairs (disjoint: no two threads touch the same group)."""
+    from .solvers._jit import in_parallel
+    from .solvers._permutation_kernels import improve_pairs
+
+    gains = np.zeros(len(pairs))
+    in_parallel(improve_pairs, len(pairs), A, order, values, pairs, m, n, tiles, candidates, tol, gains)
+    return gains
+
+
 def _compile():
     """Compile (or load) the search kernels before any clock starts: a first run in a new
     checkout compiles for seconds, which is no search's time."""
     from .solvers._jit import announce_compile
-    from .solvers._permutation_kernels import group_values, improve_pairs
 
     tiny = (np.zeros((2, 1)), np.arange(2), np.zeros(2), np.array([[0, 1]]), 1, 1, True, 1, 0.0)
     with announce_compile("permutation search"):
-        improve_pairs(*tiny)
-        group_values(tiny[0], tiny[1], 1, 1, True)
+        _improve_pairs(*tiny)
+        _group_values(tiny[0], tiny[1], 1, 1, True)
 
 
 def canonical(order, m, priority=None):
@@ -361,9 +379,7 @@ def _kept(matrix, n, m, transposable):
 
 def _group_total(A, n, m, tiles):
     """Total value of the groups of ``m`` consecutive rows of ``A``."""
-    from .solvers._permutation_kernels import group_values
-
-    return float(group_values(np.ascontiguousarray(A), np.arange(A.shape[0]), m, n, tiles).sum())
+    return float(_group_values(np.ascontiguousarray(A, dtype=np.float64), np.arange(A.shape[0]), m, n, tiles).sum())
 
 
 def _score_matrix(scores):

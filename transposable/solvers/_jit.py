@@ -101,9 +101,17 @@ def in_parallel(kernel, count, *args):
         return
     chunks = min(count, 4 * threads)
     bounds = [count * c // chunks for c in range(chunks + 1)]
-    with ThreadPoolExecutor(threads) as pool:
-        for done in [pool.submit(kernel, *args, bounds[c], bounds[c + 1]) for c in range(chunks)]:
-            done.result()
+    pool = _thread_pool(threads)
+    for done in [pool.submit(kernel, *args, bounds[c], bounds[c + 1]) for c in range(chunks)]:
+        done.result()
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_pool(threads):
+    """One pool per thread count, kept: the permutation search calls ``in_parallel`` once
+    per round, often every few milliseconds, and starting threads each time would cost a
+    measurable share of a round."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="transposable")
 
 
 @contextlib.contextmanager

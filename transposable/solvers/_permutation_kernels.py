@@ -14,9 +14,13 @@ is what the best mask keeps of its rows:
 The columns value is also an upper bound of the tiles value (a tile keeps ``n`` per column
 at most), cheap to compute, so the tiles search ranks candidate swaps by it and then
 decides with the exact value.
+
+The drivers are serial, release the GIL and work on a range of groups or pairs, which
+``_jit.in_parallel`` spreads over threads (``permute.py`` calls them so): compiled with
+``parallel=True`` and ``np.argsort`` they took 23-25 s to compile on a 2-core Xeon, and
+loading them started numba's OpenMP layer.
 """
 import numpy as np
-from numba import prange
 
 from ._jit import jit
 from ._tile_kernels import exact_tile, tile_scratch
@@ -61,19 +65,16 @@ def tiles_value(A, rows, n):
     return total
 
 
-@jit()
+@jit(inline="always")
 def group_value(A, rows, n, tiles):
     return tiles_value(A, rows, n) if tiles else columns_value(A, rows, n)
 
 
-@jit(parallel=True)
-def group_values(A, order, m, n, tiles):
-    """The value of every group of ``order``, in parallel."""
-    groups = order.shape[0] // m
-    values = np.empty(groups)
-    for g in prange(groups):
+@jit(nogil=True)
+def group_values(A, order, m, n, tiles, values, start, stop):
+    """The values of groups ``start`` to ``stop`` of ``order``, into ``values``."""
+    for g in range(start, stop):
         values[g] = group_value(A, order[g * m:(g + 1) * m], n, tiles)
-    return values
 
 
 @jit()
@@ -111,54 +112,65 @@ def replaced_bound(A, sums, nth, a, row):
     return total
 
 
-@jit(parallel=True)
-def improve_pairs(A, order, values, pairs, m, n, tiles, candidates, tol):
-    """Improve every pair of groups ``pairs[p] = (g, h)`` by the best single swap of a row
-    of g with a row of h, in parallel (the pairs are disjoint, so each thread writes only
-    its own groups of ``order`` and ``values``).
+@jit(nogil=True)
+def improve_pairs(A, order, values, pairs, m, n, tiles, candidates, tol, gains, start, stop):
+    """Improve the pairs of groups ``pairs[p] = (g, h)``, ``p`` from ``start`` to ``stop``,
+    each by the best single swap of a row of g with a row of h; the gains into ``gains``
+    (the pairs are disjoint, so ranges of pairs on threads write only their own groups of
+    ``order`` and ``values``).
 
     Every one of the ``m * m`` swaps is ranked by its gain in columns value (from
     :func:`removal_tables`, ``O(m K)`` per swap); the best ``candidates`` whose ranking gain
     is positive are then valued exactly (for *columns* the ranking value is the exact one)
     and the best exact gain above ``tol`` is applied. With ``candidates >= m * m`` every
-    swap is valued exactly. One swap per pair per call bounds a call's time. Returns the
-    gain of every pair.
+    swap is valued exactly. Swaps are taken by decreasing ranking gain, ties to the lowest
+    index, by a selection scan (a sort would cost more to compile than the search saves).
+    One swap per pair per call bounds a call's time.
     """
-    gains = np.zeros(pairs.shape[0])
     K = A.shape[1]
-    for p in prange(pairs.shape[0]):
+    rows_g, rows_h = np.empty(m, np.int64), np.empty(m, np.int64)
+    trial_g, trial_h = np.empty(m, np.int64), np.empty(m, np.int64)
+    sums_g, nth_g = np.empty((m, K)), np.empty((m, K))
+    sums_h, nth_h = np.empty((m, K)), np.empty((m, K))
+    ranking = np.empty(m * m)
+    taken = np.empty(m * m, np.bool_)
+    for p in range(start, stop):
         g, h = pairs[p, 0], pairs[p, 1]
-        rows_g = order[g * m:(g + 1) * m].copy()
-        rows_h = order[h * m:(h + 1) * m].copy()
-        trial_g = np.empty(m, np.int64)
-        trial_h = np.empty(m, np.int64)
-        sums_g, nth_g = np.empty((m, K)), np.empty((m, K))
-        sums_h, nth_h = np.empty((m, K)), np.empty((m, K))
+        for i in range(m):
+            rows_g[i] = order[g * m + i]
+            rows_h[i] = order[h * m + i]
         removal_tables(A, rows_g, n, sums_g, nth_g)
         removal_tables(A, rows_h, n, sums_h, nth_h)
         bound_g, bound_h = columns_value(A, rows_g, n), columns_value(A, rows_h, n)
-        ranking = np.empty(m * m)
         for a in range(m):
             for b in range(m):
                 ranking[a * m + b] = (replaced_bound(A, sums_g, nth_g, a, rows_h[b])
                                       + replaced_bound(A, sums_h, nth_h, b, rows_g[a]) - bound_g - bound_h)
-        ranked = np.argsort(-ranking)
+                taken[a * m + b] = False
         best_gain, best = tol, -1
         best_g, best_h = 0.0, 0.0
-        for c in range(min(candidates, m * m) if tiles else 1):
-            if candidates < m * m and ranking[ranked[c]] <= tol:  # the bound does not rise: skip the
+        for _ in range(min(candidates, m * m) if tiles else 1):
+            swap = -1
+            for q in range(m * m):
+                if not taken[q] and (swap < 0 or ranking[q] > ranking[swap]):
+                    swap = q
+            taken[swap] = True
+            if candidates < m * m and ranking[swap] <= tol:  # the bound does not rise: skip the
                 break  # exact valuation (all m * m candidates: every swap is valued)
-            a, b = ranked[c] // m, ranked[c] % m
-            trial_g[:] = rows_g
-            trial_h[:] = rows_h
-            trial_g[a], trial_h[b] = rows_h[b], rows_g[a]
+            a, b = swap // m, swap % m
+            for i in range(m):
+                trial_g[i] = rows_g[i]
+                trial_h[i] = rows_h[i]
+            trial_g[a] = rows_h[b]
+            trial_h[b] = rows_g[a]
             value_g, value_h = group_value(A, trial_g, n, tiles), group_value(A, trial_h, n, tiles)
             gain = value_g + value_h - values[g] - values[h]
             if gain > best_gain:
-                best_gain, best, best_g, best_h = gain, ranked[c], value_g, value_h
+                best_gain, best, best_g, best_h = gain, swap, value_g, value_h
+        gains[p] = 0.0
         if best >= 0:
             a, b = best // m, best % m
-            order[g * m + a], order[h * m + b] = rows_h[b], rows_g[a]
+            order[g * m + a] = rows_h[b]
+            order[h * m + b] = rows_g[a]
             gains[p] = best_gain
             values[g], values[h] = best_g, best_h
-    return gains
