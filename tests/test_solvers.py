@@ -346,6 +346,33 @@ def test_masks_do_not_depend_on_the_number_of_threads(name, n, m, rng):
     assert (masks[0] == masks[1]).all()
 
 
+def _solve_in_child(queue):
+    tiles = np.random.default_rng(1).standard_normal((64, 8, 8))
+    queue.put(solvers.TRANSPOSABLE["cyclecanceling"].solve(tiles, 4).sum())
+
+
+def test_a_forked_child_solves_on_threads_of_its_own():
+    """The thread pool is kept between calls; a child forked after a solve inherits it
+    without its threads, and must not wait on them."""
+    import multiprocessing
+
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs two threads and fork")
+    tiles = np.random.default_rng(1).standard_normal((64, 8, 8))
+    expected = solvers.TRANSPOSABLE["cyclecanceling"].solve(tiles, 4).sum()  # the pool now exists here
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_solve_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child's solve never finished")
+    assert child.exitcode == 0 and queue.get(timeout=10) == expected == 64 * 8 * 4
+
+
 @pytest.mark.parametrize("float64_order", [False, True])
 @pytest.mark.parametrize("m", [4, 8, 16, 32])
 def test_tile_entries_are_ordered_by_decreasing_magnitude_ties_to_the_lowest_index(m, float64_order, rng):

@@ -101,16 +101,17 @@ def in_parallel(kernel, count, *args):
         return
     chunks = min(count, 4 * threads)
     bounds = [count * c // chunks for c in range(chunks + 1)]
-    pool = _thread_pool(threads)
+    pool = _thread_pool(threads, os.getpid())
     for done in [pool.submit(kernel, *args, bounds[c], bounds[c + 1]) for c in range(chunks)]:
         done.result()
 
 
 @functools.lru_cache(maxsize=None)
-def _thread_pool(threads):
-    """One pool per thread count, kept: the permutation search calls ``in_parallel`` once
-    per round, often every few milliseconds, and starting threads each time would cost a
-    measurable share of a round."""
+def _thread_pool(threads, pid):
+    """One pool per thread count and process, kept: the permutation search calls
+    ``in_parallel`` once per round, often every few milliseconds, and starting threads each
+    time would cost a measurable share of a round. Per process because a forked child
+    inherits the pool without its threads: work sent to it would wait forever."""
     return ThreadPoolExecutor(threads, thread_name_prefix="transposable")
 
 
