@@ -278,10 +278,11 @@ def atomic_directory(path, *, force=False):
     except BaseException as exc:
         cause = _write_failure(exc, {path: str(folder / ".space-probe")} if folder.is_dir() else {})
         if old is not None:  # set after the block, so the folder was complete: did it move into place?
-            if folder.exists():
+            moved_in = not folder.exists()
+            if not moved_in:
                 with contextlib.suppress(OSError):  # the original back, unless another run's took its place
                     os.replace(old / "replaced", path)
-            if not folder.exists() or not (old / "replaced").exists():
+            if moved_in or not (old / "replaced").exists():
                 shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
         if cause is not None:

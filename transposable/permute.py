@@ -294,7 +294,7 @@ def _improve_pairs(A, order, values, pairs, m, n, tiles, candidates, tol):
     from .solvers._jit import in_parallel
     from .solvers._permutation_kernels import improve_pairs
 
-    gains = np.zeros(len(pairs))
+    gains = np.empty(len(pairs))
     in_parallel(improve_pairs, len(pairs), A, order, values, pairs, m, n, tiles, candidates, tol, gains)
     return gains
 

@@ -18,7 +18,7 @@ decides with the exact value.
 The drivers are serial, release the GIL and work on a range of groups or pairs, which
 ``_jit.in_parallel`` spreads over threads (``permute.py`` calls them so): compiled with
 ``parallel=True`` and ``np.argsort`` they took 23-25 s to compile on a 2-core Xeon, and
-loading them started numba's OpenMP layer.
+running them entered numba's OpenMP regions.
 """
 import numpy as np
 

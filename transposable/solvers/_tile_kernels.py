@@ -418,7 +418,7 @@ def cancel_negative_cycles(w, keep, tol, hop_cost, kept_w, dropped_w, dist, pred
     arguments above hold from any starting distances (a search without a cycle ends
     because each row's distance stays above its tree root's, which never moves), and the
     rows the canceled cycles did not touch start nearly settled, so the search that proves
-    optimality needs fewer passes (4:8 to 16:32 exact 5-10 % faster).
+    optimality needs fewer passes (4:8 to 16:32 exact 5-13 % faster on an Intel Xeon).
     """
     m = w.shape[0]
     canceled = 0
