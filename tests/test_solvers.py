@@ -420,3 +420,34 @@ def test_compile_notice_only_when_numba_compiles(monkeypatch, caplog):
             njit(lambda x: x + 1)(1)
             time.sleep(0.05)
         assert "compiling solver kernels for a new kernel" in caplog.text
+
+
+def test_the_exact_torch_engine_multiplies_in_float64_only(rng):
+    """A float32 matrix product rounds its inputs to 10 mantissa bits where TF32 is on (the
+    default of ``set_float32_matmul_precision("high")`` on GPUs), which made "exact" masks
+    the best of rounded weights; float64 products are never rounded so. The CPU ignores the
+    flag, so the products' dtypes are checked instead, in chunks as on a large weight."""
+    from torch.overrides import TorchFunctionMode
+
+    products = {"matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "tensordot", "linear", "__matmul__", "__rmatmul__"}
+
+    class Products(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in products:
+                self.dtypes.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    tiles = random_tiles(rng, 300, 4, "small-integers")
+    magnitudes = torch.from_numpy(np.abs(tiles).astype(np.float32))  # as the GPU path scores them
+    table = torch.from_numpy(solvers.exhaustive.patterns(2, 4).copy())
+    seen = Products()
+    with seen, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(solvers.exhaustive, "SCORES_PER_CHUNK", 90 * 64)  # 64 tiles a product: 5 chunks
+        best = solvers.exhaustive._best_patterns(magnitudes, table)
+    assert seen.dtypes == [{torch.float64}] * 5
+    kept = np.where(table[best].numpy().reshape(-1, 4, 4), np.abs(tiles), 0).sum(axis=(1, 2))
+    assert (kept == [brute_force_best(tile, 2) for tile in tiles]).all()

@@ -4,8 +4,8 @@ An m x m tile has only a few masks with ``n`` kept in every row and column (90 f
 so scoring them all and taking the best is exact and cheap. NumPy tiles are scored by a
 numba kernel (row sums per column choice; the best bottom half of the tile for every
 column count it leaves; every top half with the best bottom half that completes it),
-vectorized across a row of tiles; torch tensors by one matrix product
-``|tiles| @ patterns.T`` on the tensor's own device.
+vectorized across a row of tiles; torch tensors by one float64 matrix product
+``|tiles| @ patterns.T`` on the tensor's own device (float64, which TF32 never rounds).
 """
 import itertools
 from functools import lru_cache
@@ -19,6 +19,9 @@ EXACT = True
 
 #: Largest tile side enumerated; 6x6 tiles at 3:6 already have 297,200 patterns.
 MAX_M = 5
+
+#: Pattern scores held at once by the torch path (float64: 512 MiB), tiles taken in chunks.
+SCORES_PER_CHUNK = 2**26
 
 
 def supports(n, m):
@@ -146,13 +149,13 @@ def solve(tiles, n):
 
     Notes
     -----
-    Exact. Scores are summed in float64 (on GPUs in float32 for 16- and 32-bit inputs,
-    where float64 is slow); among equal scores the lowest-index pattern wins. A tile whose
+    Exact. Scores are summed in float64, also on GPUs, where TF32 would round a float32
+    product's inputs; among equal scores the lowest-index pattern wins. A tile whose
     largest magnitude is huge (``>= 2**512``) is scaled by a power of two first, so sums do
     not overflow. Cost per tile ``O(C**(m/2) * m)`` for ``C`` row choices: the best top
     half and the best bottom half for every column count they share (numba, vectorized
     across a row of tiles, on threads over rows of tiles), or ``O(P * m**2)`` for ``P``
-    patterns as one matrix product (torch).
+    patterns as float64 matrix products over chunks of tiles (torch).
 
     Examples
     --------
@@ -179,7 +182,20 @@ def solve(tiles, n):
     from ._torch_tiles import magnitudes
 
     flat = magnitudes(as_tiles(tiles))
-    k = flat.shape[0]
     table = torch.tensor(patterns(n, m), device=flat.device)  # a copy: the cache is read-only
-    scores = flat.reshape(k, m * m) @ table.to(flat.dtype).T
-    return shaped_like(table[scores.argmax(dim=1)].reshape(k, m, m), tiles)
+    return shaped_like(table[_best_patterns(flat, table)].reshape(flat.shape), tiles)
+
+
+def _best_patterns(w, table):
+    """Per tile of magnitudes ``w`` (K, m, m; float32 on GPUs), the index of its best row of
+    ``table`` (P, m*m), the first among equals. Scored in float64: a float32 product would
+    round every weight to 10 mantissa bits where TF32 is on (``set_float32_matmul_precision
+    ("high")``, common on GPUs); float64 products never are."""
+    import torch
+
+    scorer = table.to(torch.float64).T
+    best = torch.empty(len(w), dtype=torch.long, device=w.device)
+    step = max(1, SCORES_PER_CHUNK // len(table))
+    for lo in range(0, len(w), step):
+        best[lo:lo + step] = (w[lo:lo + step].reshape(-1, scorer.shape[0]).to(torch.float64) @ scorer).argmax(dim=1)
+    return best
