@@ -92,3 +92,26 @@ def tile_regions(rows, cols, m):
     at the bottom and right edges."""
     return [(slice(r, min(r + m, rows)), slice(c, min(c + m, cols)))
             for r in range(0, rows, m) for c in range(0, cols, m)]
+
+
+def assert_within_rounding(actual, a, b, bias=None):
+    """``actual`` is ``a @ b.T (+ bias)`` up to the rounding of ``actual``'s dtype.
+
+    The reference is exact (float64, on the CPU) and each element may be off by
+    ``eps * (|a| @ |b|.T + |bias|)``: what one or two roundings to the dtype (a fused bias
+    or a separate add) and float32 accumulation, or reduced-precision partial sums, can
+    cost. A sum order, not a misread operand, fits inside it. Fixed tolerances do not: a
+    float16 product rounded before its bias is added fails ``assert_close``'s defaults.
+    """
+    import torch
+
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    exact, scale = a @ b.T, a.abs() @ b.abs().T
+    if bias is not None:
+        exact, scale = exact + bias.detach().double().cpu(), scale + bias.detach().double().cpu().abs()
+    error = (actual.detach().double().cpu() - exact).abs()
+    allowed = torch.finfo(actual.dtype).eps * scale + torch.finfo(actual.dtype).tiny
+    worst = (error - allowed).argmax()
+    assert bool((error <= allowed).all()), (
+        f"{int((error > allowed).sum())} of {error.numel()} elements off by more than their rounding; "
+        f"worst: {error.flatten()[worst]:.3g} > {allowed.flatten()[worst]:.3g}")

@@ -431,3 +431,132 @@ def test_fused_encoder_paths_compute_with_the_masks(caplog):
             torch.testing.assert_close(sparse_out[keep], folded_out[keep], atol=1e-5, rtol=1e-5)
         dense_out = nn.TransformerEncoder(layer, num_layers=2).eval()(x)
         assert (dense_out - encoder(x)).abs().max() > 1e-2  # the masks change the output: the check can fail
+
+
+# ---- the GPU path's logic, where the CPU reaches it (issue 28; tests/test_cuda.py runs the rest) --------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_under_autocast_a_sparse_layer_computes_and_trains_as_nn_linear_does(dtype, kind):
+    """Autocast runs the GEMMs in its dtype; backward, outside the autocast region, used to
+    mix bfloat16 and float32 ("expected m1 and m2 to have the same dtype")."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = sparsify(nn.Linear(64, 32), "2:4", srste_decay=0.25)
+        weight, mask = layer.weight, layer.mask
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = sparsify(Conv1D(32, 64), "2:4", srste_decay=0.25)  # weight stored (in, out)
+        weight, mask = layer.weight.t(), layer.mask.t()
+    masked = (weight * mask).detach().requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        out, expected = layer(x), F.linear(x_ref, masked, bias)
+    assert out.dtype == expected.dtype == dtype
+    out.float().pow(2).sum().backward()
+    expected.float().pow(2).sum().backward()
+    assert x.grad.dtype == layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    decay = 0.25 * weight.detach() * ~mask
+    grad = layer.weight.grad if kind == "linear" else layer.weight.grad.t()
+    torch.testing.assert_close(grad, masked.grad + decay)
+    torch.testing.assert_close(layer.bias.grad, bias.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_outputs_are_within_their_rounding_of_the_exact_product(dtype):
+    """The tolerance test_cuda.py compares sparse kernels with, checked here where it can
+    fail: the dense masked GEMMs fit inside it, a wrong bias or operand does not."""
+    from checks import assert_within_rounding
+
+    torch.manual_seed(0)
+    layer = sparsify(nn.Linear(256, 64), "2:4").to(dtype)
+    x = torch.randn(32, 256, dtype=dtype)
+    with torch.no_grad():
+        out = layer(x)
+    masked = layer.weight * layer.mask
+    assert_within_rounding(out, x, masked, layer.bias)
+    with pytest.raises(AssertionError, match="off by more than their rounding"):
+        assert_within_rounding(out, x, masked)  # the bias left out
+    with pytest.raises(AssertionError, match="off by more than their rounding"):
+        assert_within_rounding(out, x.flip(0), masked, layer.bias)  # rows read in another order
+
+
+def test_dense_operands_are_copied_only_where_cusparselt_would_misread_them():
+    from transposable.nn import _dense_operand
+
+    x = torch.randn(16, 32)
+    assert _dense_operand(x) is x  # row-major
+    assert _dense_operand(x.t()).data_ptr() == x.data_ptr()  # column-major: read as it is, not copied
+    for strided in (x[:, :24], x[::2], torch.ones(()).expand(16, 32)):  # a column slice, a row stride, y.sum()'s grad
+        operand = _dense_operand(strided)
+        assert operand.is_contiguous() and torch.equal(operand, strided)
+
+
+@pytest.mark.parametrize("make", ["slice", "transposed", "expanded"])
+def test_strided_inputs_and_gradients_give_the_dense_answer(make):
+    torch.manual_seed(0)
+    layer = sparsify(nn.Linear(32, 16), "2:4")
+    wide = torch.randn(8, 48)
+    x = {"slice": wide[:, :32], "transposed": torch.randn(32, 8).t(), "expanded": torch.ones(()).expand(8, 32)}[make]
+    x = x.requires_grad_(True) if x.is_leaf else x.detach().requires_grad_(True)
+    out = layer(x)
+    assert out.is_contiguous()
+    out.sum().backward()  # a gradient with strides (0, 0)
+    masked = layer.weight * layer.mask
+    torch.testing.assert_close(out, F.linear(x, masked, layer.bias))
+    torch.testing.assert_close(x.grad, torch.ones(8, 16) @ masked)
+
+
+def test_copies_and_pickles_leave_the_compressed_cache_out():
+    """``copy.deepcopy`` and ``torch.save(model)`` after a GPU forward crashed on the cached
+    compressed tensors (torch 2.11 cannot clone them). The cache holds a real
+    semi-structured tensor here, built on the CPU."""
+    import copy
+    import pickle
+    import warnings
+
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT
+
+    from transposable.nn import SemiStructuredGEMMs
+
+    layer = sparsify(nn.Linear(16, 16), "2:4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the prototype warning
+        compressed = SparseSemiStructuredTensorCUSPARSELT(torch.Size([16, 16]), torch.zeros(144, dtype=torch.half),
+                                                          None, None, None, None)
+    layer._kernels = SemiStructuredGEMMs()
+    layer._kernels._w = layer._kernels._w_t = compressed
+    layer._kernels._key = (layer.weight.data_ptr(), layer.weight._version, layer.mask._version, torch.half)
+    x = torch.randn(4, 16)
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copied._kernels._key is None and not hasattr(copied._kernels, "_w")
+        torch.testing.assert_close(copied(x), layer(x))
+    assert layer._kernels._w is compressed  # the original keeps its cache
+
+
+def test_a_compressed_weight_keeps_the_fused_encoder_path_off():
+    """``export(compress=True)`` turned the fused encoder path back on, which cannot take
+    semi-structured weights. Compressed weights need CUDA, so one is built on the CPU."""
+    import warnings
+
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT
+
+    from transposable.nn import _fused_encoders
+
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    encoder = export(sparsify(nn.TransformerEncoder(layer, num_layers=1), "2:4"))
+    assert encoder.layers[0].activation_relu_or_gelu == 1  # plain weights: the fused path is back
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = SparseSemiStructuredTensorCUSPARSELT(torch.Size([64, 32]), torch.zeros(1152, dtype=torch.half),
+                                                          None, None, None, None)
+    encoder.layers[0].linear1.weight = nn.Parameter(compressed, requires_grad=False)
+    _fused_encoders(encoder, enabled=False)
+    assert encoder.layers[0].activation_relu_or_gelu == 0 and not encoder.use_nested_tensor
+    _fused_encoders(encoder, enabled=True)  # what export(compress=True) ends with
+    assert encoder.layers[0].activation_relu_or_gelu == 0 and not encoder.use_nested_tensor

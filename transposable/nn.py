@@ -43,53 +43,103 @@ def _masked(weight, mask):
     return weight * mask.view(torch.uint8)
 
 
+def _autocast_dtype(device_type):
+    """The dtype autocast runs linear layers in on this device type, or None where it is off."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
+def _compute_dtype(x, weight):
+    """The dtype a sparse linear layer's GEMMs run in: autocast's, where autocast is on for
+    the input's device (as ``nn.Linear``: float64 stays float64), else the weight's.
+
+    Parameters
+    ----------
+    x : Tensor
+        The layer's input.
+    weight : Tensor
+        The layer's weight.
+
+    Returns
+    -------
+    torch.dtype
+
+    Examples
+    --------
+    >>> import torch
+    >>> x, w = torch.zeros(2, 8), torch.zeros(4, 8)
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     inside = _compute_dtype(x, w)
+    >>> inside, _compute_dtype(x, w)
+    (torch.bfloat16, torch.float32)
+    """
+    autocast = _autocast_dtype(x.device.type)
+    return autocast if autocast is not None and weight.dtype != torch.float64 else weight.dtype
+
+
 class _SparseLinearGEMMs(torch.autograd.Function):
     """``Y = X (W*S)^T + b`` for a 2-D ``X``, with the three GEMMs of a linear layer written
     out: forward ``X (W*S)^T``, input gradient ``dY (W*S)`` (both sparse when ``kernels`` is
-    given), weight gradient ``dY^T X`` (dense, straight through) plus the SR-STE decay."""
+    given), weight gradient ``dY^T X`` (dense, straight through) plus the SR-STE decay.
+
+    All three run in ``dtype`` (see :func:`_compute_dtype`), the gradients handed back in the
+    dtypes of ``X`` and ``W``: under autocast an fp32 master weight trains exactly as
+    ``nn.Linear`` does there, and backward, which runs outside the autocast region, never
+    mixes dtypes."""
 
     @staticmethod
-    def forward(ctx, x, weight, mask, bias, decay, kernels):
+    def forward(ctx, x, weight, mask, bias, decay, kernels, dtype):
+        x_in = x.to(dtype)
         # W*S is formed only where a dense GEMM needs it (here and in backward), not kept:
         # saving it would hold a second weight-sized tensor per layer until backward.
-        ctx.save_for_backward(x, weight, mask)
-        ctx.decay, ctx.kernels, ctx.has_bias = decay, kernels, bias is not None
+        ctx.save_for_backward(x_in, weight, mask)
+        ctx.decay, ctx.kernels, ctx.dtype, ctx.x_dtype = decay, kernels, dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        bias = None if bias is None else bias.to(dtype)
         if kernels is not None:
-            out = kernels.forward(x)
+            out = kernels.forward(x_in)
             return out if bias is None else out.add_(bias)
-        masked = _masked(weight, mask).t()
-        return x @ masked if bias is None else torch.addmm(bias, x, masked)
+        masked = _masked(weight.to(dtype), mask).t()
+        return x_in @ masked if bias is None else torch.addmm(bias, x_in, masked)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mask = ctx.saved_tensors
+        x_in, weight, mask = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.dtype)
         grad_x = grad_weight = grad_bias = None
-        dense_input_grad = ctx.needs_input_grad[0] and ctx.kernels is None
-        masked = _masked(weight, mask) if dense_input_grad or (ctx.decay and ctx.needs_input_grad[1]) else None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ masked if dense_input_grad else ctx.kernels.input_grad(grad_out)
+            if ctx.kernels is None:
+                grad_x = grad_out @ _masked(weight.to(ctx.dtype), mask)
+            else:
+                grad_x = ctx.kernels.input_grad(grad_out)
+            grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = grad_out.t() @ x
-            if ctx.decay:  # W - W*S, in W*S's memory (used above): exactly W on pruned entries, 0 on kept
-                grad_weight.add_(torch.sub(weight, masked, out=masked), alpha=ctx.decay)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.sum(dim=0)
-        return grad_x, grad_weight, None, grad_bias, None, None
+            grad_weight = (grad_out.t() @ x_in).to(weight.dtype)
+            if ctx.decay:  # lambda * (1 - S) * W: exactly W on pruned entries, 0 on kept ones
+                grad_weight.addcmul_(weight, (~mask).view(torch.uint8), value=ctx.decay)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.sum(dim=0).to(ctx.bias_dtype)
+        return grad_x, grad_weight, None, grad_bias, None, None, None
 
 
-def _sparse_linear(x, weight, mask, bias, decay, kernels):
+def _sparse_linear(x, weight, mask, bias, decay, kernels, dtype):
     """The sparse GEMMs on inputs of any shape ``(..., in)``. The Function sees 2-D tensors
     and the reshapes happen outside it: an output that is a view made inside a custom
     Function cannot be changed in place (``ReLU(inplace=True)``, ``x += ...``)."""
     if x.dim() == 2:
-        return _SparseLinearGEMMs.apply(x, weight, mask, bias, decay, kernels)
-    out = _SparseLinearGEMMs.apply(x.reshape(-1, x.shape[-1]), weight, mask, bias, decay, kernels)
+        return _SparseLinearGEMMs.apply(x, weight, mask, bias, decay, kernels, dtype)
+    out = _SparseLinearGEMMs.apply(x.reshape(-1, x.shape[-1]), weight, mask, bias, decay, kernels, dtype)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class _MaskedWeight(torch.autograd.Function):
     """``W * S`` forward; the gradient reaches all of ``W`` (STE), plus the SR-STE decay.
-    Convolutions use it and let ``F.conv*d`` do their GEMMs."""
+    Convolutions use it and let ``F.conv*d`` do their GEMMs (autocast included)."""
 
     @staticmethod
     def forward(ctx, weight, mask, decay):
@@ -105,12 +155,64 @@ class _MaskedWeight(torch.autograd.Function):
         return grad, None, None
 
 
+def _semi_structured_class(device):
+    """The torch class that compresses and multiplies 2:4 weights on this GPU, and None with
+    the reason where none can.
+
+    ``to_sparse_semi_structured`` takes cuSPARSELt unless ``_FORCE_CUTLASS`` is set, and
+    fails at the first GEMM where the build has no cuSPARSELt; CUTLASS's 2:4 kernels run on
+    compute capability 8.x only. So the class is chosen here, once per layer and step.
+    """
+    from torch.sparse.semi_structured import (SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT,
+                                              SparseSemiStructuredTensorCUTLASS)
+
+    forced = SparseSemiStructuredTensor._FORCE_CUTLASS
+    if not forced and torch.backends.cusparselt.is_available():
+        return SparseSemiStructuredTensorCUSPARSELT, None
+    why = "SparseSemiStructuredTensor._FORCE_CUTLASS is set" if forced else "this PyTorch build has no cuSPARSELt"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 8:
+        return None, f"{why} and CUTLASS's 2:4 kernels run on compute capability 8.x only (this GPU: {major}.{minor})"
+    if why not in _REASONS_LOGGED:
+        _REASONS_LOGGED.add(why)
+        log.info("%s: 2:4 GEMMs run on CUTLASS", why)
+    return SparseSemiStructuredTensorCUTLASS, None
+
+
+def _compress(dense, semi_structured):
+    """``dense`` (2-D, contiguous) as a ``semi_structured`` tensor whose products come out
+    row-major: cuSPARSELt writes ``X W^T`` transposed (column-major) unless asked to fuse the
+    transpose, and scaled_dot_product_attention refuses its fused kernels for q, k, v whose
+    last dimension is strided (it would fall back to math attention in the sparse model only)."""
+    sparse = semi_structured.from_dense(dense)
+    if semi_structured.BACKEND == "cusparselt":
+        sparse.fuse_transpose_cusparselt = True
+    return sparse
+
+
+def _dense_operand(x):
+    """``x`` as cuSPARSELt can read it: it takes a dense operand for row-major when it is
+    contiguous and for the transpose of a row-major matrix otherwise, so anything else (a
+    column slice, the expanded gradient of ``y.sum()``) is copied first."""
+    return x if x.is_contiguous() or x.t().is_contiguous() else x.contiguous()
+
+
+def _row_major(out):
+    """The product row-major (CUTLASS writes it column-major; a copy, where it did)."""
+    return out if out.is_contiguous() else out.contiguous()
+
+
 class SemiStructuredGEMMs:
     """The forward and input-gradient GEMMs of one linear layer on sparse tensor cores.
 
-    ``W*S`` and ``(W*S)^T`` are compressed with ``torch.sparse.to_sparse_semi_structured``
-    and recompressed whenever the weight or the mask changes. Needs a CUDA GPU (Ampere or
-    newer); :class:`SparseLinear` uses it where :func:`semi_structured_reason` allows.
+    ``W*S`` and ``(W*S)^T``, in the dtype the GEMMs run in, are compressed as PyTorch's
+    semi-structured sparse tensors (cuSPARSELt; CUTLASS on compute capability 8.x where the
+    build has no cuSPARSELt or ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is set) and
+    recompressed whenever the weight, the mask or the dtype changes. Products come out
+    row-major, whatever the strides of the dense operand. The compressed copies are a cache:
+    ``copy.deepcopy``, ``pickle`` and ``torch.save`` leave them out (the copy compresses its
+    own at its first GEMM). Needs a CUDA GPU (Ampere or newer); :class:`SparseLinear` uses it
+    where :func:`semi_structured_reason` allows.
 
     Examples
     --------
@@ -124,25 +226,58 @@ class SemiStructuredGEMMs:
     def __init__(self):
         self._key = None
 
-    def update(self, weight, mask):
-        key = (weight.data_ptr(), weight._version, mask._version)
-        if key != self._key:
-            from torch.sparse import to_sparse_semi_structured
+    def update(self, weight, mask, dtype=None):
+        """Compress ``W * mask`` (and its transpose) in ``dtype`` unless that is done already.
 
-            masked = _masked(weight.detach(), mask).contiguous()
-            self._w = to_sparse_semi_structured(masked)
-            self._w_t = to_sparse_semi_structured(masked.t().contiguous())
+        Parameters
+        ----------
+        weight : Tensor, shape (out, in)
+            The layer's weight, on a CUDA device.
+        mask : Tensor of bool, shape (out, in)
+            Its transposable 2:4 mask.
+        dtype : torch.dtype, optional
+            float16 or bfloat16, the dtype of the GEMMs; default the weight's.
+
+        Returns
+        -------
+        SemiStructuredGEMMs
+            ``self``.
+
+        Raises
+        ------
+        RuntimeError
+            If no semi-structured backend runs on the weight's GPU (the message says why).
+        """
+        dtype = weight.dtype if dtype is None else dtype
+        key = (weight.data_ptr(), weight._version, mask._version, dtype)
+        if key != self._key:
+            semi_structured, reason = _semi_structured_class(weight.device)
+            if semi_structured is None:
+                raise RuntimeError(f"no sparse GEMMs on {weight.device}: {reason}")
+            masked = _masked(weight.detach().to(dtype), mask)
+            self._w = _compress(masked, semi_structured)
+            self._w_t = _compress(masked.t().contiguous(), semi_structured)
             self._key = key
         return self
 
     def forward(self, x):
-        return F.linear(x, self._w)  # X (W*S)^T
+        """``X (W*S)^T`` for a 2-D ``x`` (tokens, in) in the compressed dtype."""
+        return _row_major(F.linear(_dense_operand(x), self._w))
 
     def input_grad(self, grad):
-        return F.linear(grad, self._w_t)  # dY ((W*S)^T)^T = dY (W*S)
+        """``dY (W*S)`` for a 2-D ``grad`` (tokens, out) in the compressed dtype."""
+        return _row_major(F.linear(_dense_operand(grad), self._w_t))  # dY ((W*S)^T)^T
+
+    def __getstate__(self):
+        # PyTorch's semi-structured tensors cannot be cloned (deepcopy) or pickled in every
+        # release; the copy compresses its own weight at its first GEMM.
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
 
 
-def semi_structured_reason(weight, pattern, transposable, training=True):
+def semi_structured_reason(weight, pattern, transposable, training=True, dtype=None):
     """Why a linear layer cannot use sparse tensor cores, or None if it can.
 
     Training needs W and W^T both 2:4 (transposable); inference only W.
@@ -157,6 +292,9 @@ def semi_structured_reason(weight, pattern, transposable, training=True):
         Whether its mask is transposable.
     training : bool, default True
         Ask for forward and backward (True) or forward only.
+    dtype : torch.dtype, optional
+        The dtype the GEMMs run in: under autocast, autocast's (float32 weights then run
+        on sparse tensor cores in float16/bfloat16); default the weight's.
 
     Returns
     -------
@@ -172,21 +310,25 @@ def semi_structured_reason(weight, pattern, transposable, training=True):
     """
     if not weight.is_cuda:
         return "not on a CUDA device"
-    if weight.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {str(weight.dtype).replace('torch.', '')} (sparse kernels need float16 or bfloat16)"
+    dtype = weight.dtype if dtype is None else dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return (f"dtype {str(dtype).replace('torch.', '')} (sparse kernels need float16 or bfloat16: "
+                "the weight's, or autocast's)")
     if (pattern.n, pattern.m) != (2, 4) or (training and not transposable):
         need = "transposable 2:4" if training else "2:4"
         return f"pattern {pattern}{'' if transposable else ' row-wise'} (sparse kernels need {need})"
     if torch.cuda.get_device_capability(weight.device) < (8, 0):
         return "GPU older than Ampere (compute capability 8.0)"
-    from torch.sparse.semi_structured import SparseSemiStructuredTensorCUTLASS
-
-    limits = SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS[weight.dtype]
+    semi_structured, reason = _semi_structured_class(weight.device)
+    if semi_structured is None:
+        return reason
+    limits = semi_structured._DTYPE_SHAPE_CONSTRAINTS[dtype]
     rows, cols = limits.sparse_min_rows, limits.sparse_min_cols
     out, inp = weight.shape
     checks = ((out, rows), (inp, cols), (inp, rows), (out, cols)) if training else ((out, rows), (inp, cols))
     if any(size % step or size < step for size, step in checks):
-        return f"shape {tuple(weight.shape)}: {'W and W^T' if training else 'W'} must be multiples of ({rows}, {cols})"
+        return (f"shape {tuple(weight.shape)}: {'W and W^T' if training else 'W'} must be multiples of "
+                f"({rows}, {cols}) for {semi_structured.BACKEND}")
     return None
 
 
@@ -284,10 +426,13 @@ class SparseLinear(_SparseLayer, nn.Linear):
 
     def forward(self, x):
         decay = self.srste_decay if self.training else 0.0
-        return _sparse_linear(x, self.weight, self.mask, self.bias, decay, self._sparse_kernels())
+        dtype = _compute_dtype(x, self.weight)
+        return _sparse_linear(x, self.weight, self.mask, self.bias, decay, self._sparse_kernels(dtype), dtype)
 
-    def _sparse_kernels(self):
-        reason = semi_structured_reason(self.weight, self.pattern, self.transposable)
+    def _sparse_kernels(self, dtype=None):
+        """The layer's sparse GEMMs for ``dtype`` (default the weight's), or None where the
+        dense masked GEMMs run (the reason logged once)."""
+        reason = semi_structured_reason(self.weight, self.pattern, self.transposable, dtype=dtype)
         if reason is not None:
             # Logging inside a compiled region would break the graph: compiled code says nothing.
             if reason != self._dense_reason and not torch.compiler.is_compiling():
@@ -300,7 +445,7 @@ class SparseLinear(_SparseLayer, nn.Linear):
             return None
         if self._kernels is None:
             self._kernels = SemiStructuredGEMMs()
-        return self._kernels.update(self.weight, self.mask)
+        return self._kernels.update(self.weight, self.mask, dtype)
 
     def _sparse_name(self):
         return f"SparseLinear({self.in_features}, {self.out_features})"
@@ -363,7 +508,8 @@ class _SparseConv1D(_SparseLayer):
 
     def forward(self, x):
         decay = self.srste_decay if self.training else 0.0
-        return _sparse_linear(x, self.weight.t(), self.mask.t(), self.bias, decay, None)
+        return _sparse_linear(x, self.weight.t(), self.mask.t(), self.bias, decay, None,
+                              _compute_dtype(x, self.weight))
 
 
 #: The layer types sparsify knows; their subclasses (same forward) and ``Conv1D`` join on first sight.
@@ -538,19 +684,28 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
     return model
 
 
+def _is_compressed(weight):
+    """Whether a weight is one of PyTorch's semi-structured sparse tensors."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    return isinstance(weight, SparseSemiStructuredTensor)
+
+
 def _fused_encoders(model, enabled):
     """Turn PyTorch's fused encoder path off where sparse layers live (``enabled=False``),
-    or back on (``export``).
+    or back on (``export``) where no layer is sparse or compressed.
 
     In ``eval()`` under ``no_grad``, ``nn.TransformerEncoderLayer`` hands ``linear1`` and
     ``linear2``'s weights to one fused kernel without calling those layers, so their masks
     would be ignored, and ``nn.TransformerEncoder`` packs inputs into nested tensors for that
-    kernel. An encoder layer takes the fused path only if its activation code is non-zero
-    (a check every torch version has), so zeroing it sends it through its own layers.
+    kernel, which cannot take a compressed (``export(compress=True)``) weight either. An
+    encoder layer takes the fused path only if its activation code is non-zero (a check every
+    torch version has), so zeroing it sends it through its own layers.
     """
     turned = []
     for name, module in model.named_modules():
-        holds_sparse = any(isinstance(m, _SparseLayer) for m in module.modules())
+        holds_sparse = any(isinstance(m, _SparseLayer) or _is_compressed(getattr(m, "weight", None))
+                           for m in module.modules())
         if isinstance(module, nn.TransformerEncoderLayer):
             if not enabled and holds_sparse and module.activation_relu_or_gelu:
                 module._fused_activation, module.activation_relu_or_gelu = module.activation_relu_or_gelu, 0
@@ -877,6 +1032,8 @@ def export(model, *, compress=False):
     compress : bool, default False
         Also store eligible linear weights (CUDA, float16/bfloat16, 2:4) compressed as
         semi-structured sparse tensors for inference (frozen: ``requires_grad=False``).
+        ``nn.TransformerEncoderLayer``'s fused path, which cannot take them, then stays off
+        where they live.
 
     Returns
     -------
@@ -902,9 +1059,8 @@ def export(model, *, compress=False):
         if compress and isinstance(layer, nn.Linear):
             reason = semi_structured_reason(layer.weight, pattern, transposable, training=False)
             if reason is None:
-                from torch.sparse import to_sparse_semi_structured
-
-                layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
+                semi_structured, _ = _semi_structured_class(layer.weight.device)
+                layer.weight = nn.Parameter(_compress(layer.weight.detach(), semi_structured), requires_grad=False)
             else:
                 log.info("%s: kept dense: %s", name, reason)
     _fused_encoders(model, enabled=True)
