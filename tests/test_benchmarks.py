@@ -79,3 +79,29 @@ def test_large_prune_benchmark_writes_a_streamable_model_and_measures_it(tmp_pat
     assert result["bfloat16_bytes"] == sum(f.stat().st_size for f in (tmp_path / "llama-tiny-2").glob("*.safetensors")) \
         - sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in (tmp_path / "llama-tiny-2").glob("*.safetensors"))
     assert result["estimate"]["ram"] >= 4 * vocab * shape["hidden"]  # at least the float32 embedding
+
+
+def test_gpu_suite_default_parts_fit_one_device_call_gpu_path_first():
+    suite = load("gpu_suite")
+    default = [(name, limit) for name, _, limit, run in suite.PARTS if run]
+    assert sum(limit for _, limit in default) <= suite.BUDGET <= 600
+    assert [name for name, _ in default][:2] == ["cuda_tests", "gemm"]  # the CUDA tests, then layer fwd+bwd
+    assert {"prune_stream"} <= {name for name, _, _, run in suite.PARTS if not run}
+
+
+def test_gpu_suite_names_a_transformers_older_than_setup_cfg_asks():
+    suite = load("gpu_suite")
+    wanted = ".".join(map(str, suite.transformers_wanted()))
+    assert suite.transformers_note(wanted) is None and suite.transformers_note("99.0.0") is None
+    assert suite.transformers_note("4.57.1") == (f"transformers 4.57.1 is older than the {wanted} setup.cfg asks for: "
+                                                "a part that loads models may fail for that reason alone")
+    assert "not installed" in suite.transformers_note(None)
+
+
+def test_gemm_benchmark_shapes_are_parsed_with_a_clear_error():
+    import argparse
+
+    bench = load("bench_gemm")
+    assert bench.shape("8192x4096X11008") == (8192, 4096, 11008)
+    with pytest.raises(argparse.ArgumentTypeError, match="TOKENSxINxOUT, e.g. 8192x4096x4096, got '4096x4096'"):
+        bench.shape("4096x4096")

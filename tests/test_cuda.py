@@ -1,5 +1,6 @@
-"""The GPU path: sparse tensor-core GEMMs against the dense masked path, fallbacks, and
-masks solved on the GPU against the CPU solvers. Every test here needs CUDA and is marked
+"""The GPU path: sparse tensor-core GEMMs against exact products (strided operands,
+autocast, row-major outputs, copies), fallbacks, and masks solved on the GPU against the CPU
+solvers. Every test here needs CUDA and is marked
 ``cuda`` (``pytest -m cuda``; ``benchmarks/gpu_suite.py`` runs them); elsewhere they skip.
 
 This module imports nothing beyond torch, NumPy, networkx and the package, so that it runs
@@ -15,13 +16,10 @@ from torch import nn
 from transposable import solvers
 import transposable as tp
 import transposable.nn
-from checks import assert_valid_mask, assert_valid_tiles
-from transposable.nn import MaskRefresher, sparsify
+from checks import assert_valid_mask, assert_valid_tiles, assert_within_rounding
+from transposable.nn import MaskRefresher, export, sparsify
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-#: Within the dtype's rounding: a sparse kernel and a dense GEMM sum in different orders.
-TOLERANCE = {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 #: (batch shape, in, out, bias): the smallest shapes the kernels accept, rectangular both
 #: ways, a 3-D input, and a real transformer size.
@@ -32,53 +30,107 @@ SHAPES = [((64,), 64, 64, False), ((128,), 256, 128, True), ((96,), 128, 512, Tr
 TORCH_ENGINES = [name for name, engine in solvers.TRANSPOSABLE.items() if engine.ACCEPTS_TORCH]
 
 
-def twins(inp, out, bias, dtype):
-    """A sparsified layer and its twin forced onto the dense masked GEMMs."""
+@pytest.fixture(autouse=True)
+def full_precision_reductions():
+    """cuBLAS may sum float16/bfloat16 products in their own precision; the rounding bound
+    of ``assert_within_rounding`` assumes float32 sums, as cuSPARSELt's."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction
+    matmul.allow_fp16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction = False
+    yield
+    matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = saved
+
+
+def sparse_layer(inp, out, bias, dtype, param_dtype=None):
     torch.manual_seed(0)
-    layer = sparsify(nn.Linear(inp, out, bias=bias).cuda().to(dtype), "2:4")
-    dense = sparsify(nn.Linear(inp, out, bias=bias).cuda().to(dtype), "2:4")
-    dense.load_state_dict(layer.state_dict())
-    dense._sparse_kernels = lambda: None
-    return layer, dense
+    return sparsify(nn.Linear(inp, out, bias=bias).cuda().to(param_dtype or dtype), "2:4", gradient="ste")
 
 
-def forward_backward(layer, x):
+def check_layer(layer, x, dtype, autocast=False):
+    """Forward and backward of ``layer`` on ``x`` against exact float64 products: the
+    output within its dtype's rounding and row-major, dX and dW within theirs."""
     x = x.detach().clone().requires_grad_(True)
-    out = layer(x)
-    out.float().pow(2).sum().backward()
-    return out, x.grad
+    with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+        out = layer(x)
+    assert out.dtype == dtype and out.is_contiguous(), (out.dtype, out.stride())
+    assert layer._kernels is not None and layer._dense_reason is None  # the sparse path was taken
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    masked = (layer.weight * layer.mask).to(dtype)
+    x2, g2 = x.detach().reshape(-1, x.shape[-1]).to(dtype), grad.reshape(-1, grad.shape[-1])
+    assert_within_rounding(out.reshape(-1, out.shape[-1]), x2, masked, layer.bias)
+    assert_within_rounding(x.grad.reshape(-1, x.shape[-1]).to(dtype), g2, masked.t())
+    assert_within_rounding(layer.weight.grad.to(dtype), g2.t(), x2.t())
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,inp,out,bias", SHAPES)
-def test_sparse_forward_dx_and_dw_equal_the_dense_masked_path(dtype, batch, inp, out, bias):
-    layer, dense = twins(inp, out, bias, dtype)
-    x = torch.randn(*batch, inp, device="cuda", dtype=dtype)
-    y, dx = forward_backward(layer, x)
-    assert layer._kernels is not None, layer._dense_reason  # the sparse path was taken
-    y_ref, dx_ref = forward_backward(dense, x)
-    torch.testing.assert_close(y, y_ref, **TOLERANCE[dtype])
-    torch.testing.assert_close(dx, dx_ref, **TOLERANCE[dtype])
-    torch.testing.assert_close(layer.weight.grad, dense.weight.grad, **TOLERANCE[dtype])
-    if bias:
-        torch.testing.assert_close(layer.bias.grad, dense.bias.grad, **TOLERANCE[dtype])
+def test_sparse_forward_dx_and_dw_are_the_exact_products_within_rounding(dtype, batch, inp, out, bias):
+    layer = sparse_layer(inp, out, bias, dtype)
+    check_layer(layer, torch.randn(*batch, inp, device="cuda", dtype=dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_training_steps_recompress_the_changed_weights(dtype):
-    """Every optimizer step changes W: the compressed copies must follow it."""
-    layer, dense = twins(256, 256, True, dtype)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (layer, dense)]
-    x = torch.randn(128, 256, device="cuda", dtype=dtype)
+def test_float32_weights_under_autocast_run_on_the_sparse_kernels(dtype):
+    layer = sparse_layer(256, 512, True, dtype, param_dtype=torch.float32)
+    check_layer(layer, torch.randn(4, 32, 256, device="cuda"), dtype, autocast=True)
+    assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("make", ["column slice", "column-major", "row stride"])
+def test_strided_inputs_and_an_expanded_gradient_are_read_right(make):
+    """cuSPARSELt reads a non-contiguous operand as the transpose of a row-major one;
+    ``y.sum().backward()`` hands backward a gradient with strides (0, 0)."""
+    layer = sparse_layer(256, 128, True, torch.bfloat16)
+    base = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    x = {"column slice": base[:, :256], "column-major": base[:, :256].t().contiguous().t(),
+         "row stride": base[::2, :256]}[make].detach().requires_grad_(True)
+    out = layer(x)
+    assert out.is_contiguous()
+    out.float().sum().backward()  # the gradient reaching the layer is expanded from a scalar
+    masked = (layer.weight * layer.mask).to(torch.bfloat16)
+    assert_within_rounding(out, x, masked, layer.bias)
+    ones = torch.ones(x.shape[0], 128, device="cuda", dtype=torch.bfloat16)
+    assert_within_rounding(x.grad, ones, masked.t())
+
+
+def test_attention_projections_keep_the_fused_attention_kernels():
+    """q, k and v from sparse layers are row-major, so SDPA takes its fused kernels, as for
+    the dense model (a strided last dimension sent the sparse model to math attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    layer = sparse_layer(512, 3 * 512, False, torch.bfloat16)
+    q, k, v = layer(torch.randn(2, 128, 512, device="cuda", dtype=torch.bfloat16)).view(2, 128, 3, 8, 64).unbind(2)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):  # no math fallback allowed
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), is_causal=True)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("param_dtype,autocast", [(torch.bfloat16, None), (torch.float32, torch.float16),
+                                                  (torch.float32, torch.bfloat16)])
+def test_training_steps_recompress_the_changed_weights(param_dtype, autocast):
+    """Every optimizer step changes W: the compressed copies must follow it. Each step's
+    forward is checked against the exact product of that step's weights (fp16 parameters
+    are not trained: AdamW's eps underflows in float16 and gives NaN)."""
+    dtype = autocast or param_dtype
+    layer = sparse_layer(256, 256, True, dtype, param_dtype=param_dtype)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    x = torch.randn(128, 256, device="cuda", dtype=param_dtype)
+    keys = set()
     for _ in range(3):
-        for model, optimizer in zip((layer, dense), optimizers):
-            optimizer.zero_grad()
-            model(x).float().pow(2).mean().backward()
-            optimizer.step()
-        torch.testing.assert_close(layer.weight, dense.weight, **TOLERANCE[dtype])
-        with torch.no_grad():
-            torch.testing.assert_close(layer(x), dense(x), **TOLERANCE[dtype])
-    assert layer._kernels is not None
+        optimizer.zero_grad()
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast is not None):
+            out = layer(x)
+        out.float().pow(2).mean().backward()
+        optimizer.step()
+        assert torch.isfinite(layer.weight).all()
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=autocast is not None):
+            out = layer(x)
+        keys.add(layer._kernels._key)
+        assert_within_rounding(out, x.to(dtype), (layer.weight * layer.mask).to(dtype), layer.bias)
+    assert len(keys) == 3  # recompressed after every step
 
 
 @pytest.mark.parametrize("make,reason", [
@@ -97,8 +149,57 @@ def test_layers_the_kernels_refuse_fall_back_with_one_log_line(make, reason, cap
     lines = [r.getMessage() for r in caplog.records if "dense masked GEMMs" in r.getMessage()]
     assert len(lines) == 1 and reason in lines[0], lines
     assert layer._kernels is None
-    expected = x @ (layer.weight * layer.mask).t() + layer.bias
-    torch.testing.assert_close(out, expected)
+    assert_within_rounding(out, x, layer.weight * layer.mask, layer.bias)
+
+
+def test_forced_cutlass_runs_on_8x_and_falls_back_with_the_reason_elsewhere(caplog, monkeypatch):
+    """``SparseSemiStructuredTensor._FORCE_CUTLASS`` (or a build without cuSPARSELt) means
+    CUTLASS, whose 2:4 kernels run on compute capability 8.x only."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    monkeypatch.setattr(transposable.nn, "_REASONS_LOGGED", set())
+    monkeypatch.setattr(SparseSemiStructuredTensor, "_FORCE_CUTLASS", True)
+    layer = sparse_layer(256, 128, True, torch.float16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    with caplog.at_level(logging.INFO, logger="transposable"):
+        if torch.cuda.get_device_capability()[0] == 8:
+            check_layer(layer, x, torch.float16)
+            assert any("2:4 GEMMs run on CUTLASS" in r.getMessage() for r in caplog.records)
+        else:
+            out = layer(x)
+            assert layer._kernels is None and "compute capability 8.x only" in layer._dense_reason
+            assert_within_rounding(out, x, layer.weight * layer.mask, layer.bias)
+
+
+def test_a_model_copies_and_saves_after_a_gpu_forward(tmp_path):
+    import copy
+
+    model = nn.Sequential(sparse_layer(256, 256, True, torch.bfloat16), nn.ReLU(), sparse_layer(256, 128, True,
+                                                                                              torch.bfloat16))
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    expected = model(x)
+    assert model[0]._kernels._key is not None
+    copied = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)  # our own file, just written
+    for other in (copied, loaded):
+        torch.testing.assert_close(other(x), expected)
+
+
+def test_a_compressed_encoder_runs_in_eval_as_the_folded_one():
+    """``export(compress=True)`` used to turn the fused encoder path back on, which cannot
+    take semi-structured weights."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(256, 8, dim_feedforward=512, dropout=0.0, batch_first=True)
+    encoder = sparsify(nn.TransformerEncoder(layer, num_layers=2).cuda().half(), "2:4")
+    folded = export(copy.deepcopy(encoder)).eval()  # plain weights: the fused path
+    compressed = export(encoder, compress=True).eval()
+    assert isinstance(compressed.layers[0].linear1.weight, torch.sparse.SparseSemiStructuredTensor)
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x), folded(x), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16)])
@@ -116,6 +217,17 @@ def test_engines_on_cuda_agree_with_the_cpu(n, m, rng):
             assert (ours >= exact * (1 - 1e-5)).all(), name
         else:
             assert ours.sum() >= 0.99 * exact.sum(), name
+
+
+def test_exact_gpu_masks_stay_exact_with_tf32_on(monkeypatch):
+    """Weights that differ below TF32's 10 mantissa bits: a TF32 product ties them all."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    rng = np.random.default_rng(0)
+    tiles = (1 + rng.integers(0, 64, (4000, 4, 4)) * 2.0**-17).astype(np.float32)
+    mask = solvers.exhaustive.solve(torch.from_numpy(tiles).cuda(), 2).cpu().numpy()
+    best = solvers.exhaustive.solve(tiles, 2)  # numba, float64 sums
+    kept = np.where(mask, tiles.astype(np.float64), 0).sum(axis=(1, 2))
+    assert (kept == np.where(best, tiles.astype(np.float64), 0).sum(axis=(1, 2))).all()
 
 
 @pytest.mark.parametrize("pattern,method", [("2:4", "exhaustive"), ("4:8", "cyclecanceling"), ("8:16", "greedy"),

@@ -674,7 +674,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("transposable prune needs transformers: pip install 'transformers>=5.23' (or "
+        raise ImportError("transposable prune needs transformers: pip install 'transformers>=5.17' (or "
                           "pip install '.[llm]' in the transposable checkout)") from None
     return transformers
 
