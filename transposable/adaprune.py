@@ -112,7 +112,7 @@ def recalibrate_batch_norm(model, batches):
     """
     import torch
 
-    from .prune import _call
+    from .prune import call_model
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -125,7 +125,7 @@ def recalibrate_batch_norm(model, batches):
     model.train()
     with torch.no_grad():
         for batch in batches:
-            _call(model, batch)
+            call_model(model, batch)
     for norm, momentum in saved:
         norm.momentum = momentum
     model.train(was_training)

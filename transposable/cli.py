@@ -117,6 +117,7 @@ def _build_parser():
     from .diversity import STRUCTURES
     from .finetune import Recipe
     from .masks import METHODS
+    from .scores import SCORES
 
     parser = _OneLineParser(
         prog="transposable",
@@ -190,8 +191,10 @@ def _build_parser():
                     "(pip install transformers, or pip install '.[llm]' in the checkout).")
     prune.add_argument("model", help="model folder: config.json, tokenizer, *.safetensors or pytorch_model.bin")
     _add_mask_options(prune, METHODS, pad_help=None)
-    prune.add_argument("--score", default="sparsegpt",
-                       help="sparsegpt (default), wanda, magnitude or adaprune")
+    prune.add_argument("--score", default="sparsegpt", help=f"one of {', '.join(SCORES)} (default sparsegpt)")
+    for name, (score, option) in _score_options().items():
+        prune.add_argument(f"--{name.replace('_', '-')}", type=type(option.default), metavar=name.upper(),
+                           help=f"{score}: {option.help} (default {option.default})")
     prune.add_argument("--calibration", required=True, metavar="TEXT_FILE", help="UTF-8 text to calibrate on")
     prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     prune.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
@@ -270,6 +273,18 @@ def _build_parser():
     train.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
     train.set_defaults(run=_train)
     return parser
+
+
+def _score_options():
+    """Every score's own options, by name: ``{name: (score, Option)}`` (the first score
+    that declares a name gives its help)."""
+    from .scores import SCORES
+
+    found = {}
+    for score, step in SCORES.items():
+        for name, option in step.OPTIONS.items():
+            found.setdefault(name, (score, option))
+    return found
 
 
 def _add_mask_options(parser, methods, pad_help):
@@ -392,16 +407,17 @@ def _convert(args):
 
 
 def _prune(args):
-    from .pretrained import REPORT_NAME, prune_pretrained
+    from .pretrained import REPORT_NAME, prune_folder
+    from .prune import PruneRecipe
 
+    options = {name: getattr(args, name) for name in _score_options() if getattr(args, name) is not None}
+    recipe = PruneRecipe(args.pattern, transposable=args.transposable, score=args.score, method=args.method,
+                         options=options, permute=args.permute, permute_seconds=args.permute_seconds)
     bar = sys.stderr.isatty()
-    report = prune_pretrained(args.model, args.output, args.calibration, args.pattern,
-                              transposable=args.transposable, score=args.score, method=args.method,
-                              samples=args.samples, seqlen=args.seqlen, seed=args.seed, permute=args.permute,
-                              permute_seconds=args.permute_seconds, device=args.device,
-                              stream=not args.in_memory, offload_activations=args.offload_activations,
-                              force=args.force,
-                              progress=bar, log_block=None if bar else _progress_line)
+    report = prune_folder(args.model, args.output, args.calibration, recipe, samples=args.samples,
+                          seqlen=args.seqlen, seed=args.seed, device=args.device, stream=not args.in_memory,
+                          offload_activations=args.offload_activations, force=args.force, progress=bar,
+                          log_block=None if bar else _progress_line)
     kinds = {}
     for layer in report["layers"]:
         kinds.setdefault(layer["name"].rsplit(".", 1)[-1], []).append(layer)

@@ -145,8 +145,8 @@ def nm_layers(model, model_dir=None):
     >>> {name: (str(p), t) for name, (p, t) in nm_layers(torch.nn.Sequential(layer)).items()}
     {'0': ('2:4', False)}
     """
-    from .pretrained import REPORT_NAME
-    from .prune import linear_weight, prunable
+    from .folders import REPORT_NAME
+    from .layers import linear_weight, prunable
 
     report = Path(model_dir) / REPORT_NAME if model_dir is not None else None
     modules = dict(model.named_modules())
@@ -233,7 +233,8 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
 
     from .io import atomic_directory
     from .nn import export, sparse_layers, sparsify_layers
-    from .pretrained import _load_model, _transformers, find_checkpoint, read_text, write_model_folder
+    from .folders import load_model, read_text, require_transformers, write_model_folder
+    from .formats import find_checkpoint
 
     recipe = recipe or Recipe()
     recipe.check()
@@ -248,14 +249,14 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
     if resume and not _latest(saves):
         raise ValueError(f"nothing to resume: '{saves}' holds no checkpoint")
     with atomic_directory(output, force=force) as folder:
-        transformers = _transformers()
+        transformers = require_transformers()
         if not progress:
             transformers.utils.logging.disable_progress_bar()
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         train_windows, eval_windows = _windows(tokenizer, text, recipe)
         if teacher is not None:
             _check_teacher(transformers, model_dir, teacher)
-        model = _load_model(transformers, model_dir)
+        model = load_model(transformers, model_dir)
         layers = nm_layers(model, model_dir)
         if not layers and not allow_dense:
             raise ValueError(f"no linear layer of '{model_dir}' is N:M: prune it first (transposable prune)")
@@ -270,7 +271,7 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
                                  " in its zeros; prune it first (transposable prune)")
         dense = None
         if teacher is not None:
-            dense = _load_model(transformers, Path(teacher)).to(dtype).eval().requires_grad_(False)
+            dense = load_model(transformers, Path(teacher)).to(dtype).eval().requires_grad_(False)
         report = _train(model, dense, train_windows, eval_windows, recipe, saves, resume, progress, log)
         if layers:
             export(model)
@@ -327,53 +328,28 @@ def _schedule(recipe):
 
 
 def _train(model, teacher, train_windows, eval_windows, recipe, saves, resume, progress, log):
+    """The loop: optimizer steps over the data order, each of :func:`_loss` on its
+    micro-batches, with held-out evaluations (:func:`_perplexity`) and checkpoints
+    (:func:`_save`, :func:`_restore`) when due."""
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
-    from .io import atomic_output
     from .nn import MaskRefresher, sparse_layers
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe))
     refresher = MaskRefresher(model) if recipe.masks == "srste" and sparse_layers(model) else None
-    step, history = 0, {"loss": [], "eval": []}
-    if resume:
-        state = torch.load(_latest(saves), weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if refresher is not None:
-            refresher.load_state_dict(state["refresher"])
-        step, history = state["step"], state["history"]
-        torch.set_rng_state(state["rng"])  # dropout goes on as in the uninterrupted run
+    run = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "refresher": refresher}
+    step, history = _restore(_latest(saves), run) if resume else (0, {"loss": [], "eval": []})
     per_step = recipe.batch_size * recipe.accumulation
     order = torch.cat([torch.randperm(len(train_windows), generator=torch.Generator().manual_seed(recipe.seed + e))
                        for e in range(math.ceil(recipe.steps * per_step / len(train_windows)))])
 
     def evaluate():
-        model.eval()
-        total = 0.0
-        with torch.no_grad():
-            for batch in eval_windows.split(recipe.batch_size):
-                total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
-        model.train()
-        perplexity = math.exp(total / len(eval_windows))
+        perplexity = _perplexity(model, eval_windows, recipe.batch_size)
         history["eval"].append({"step": step, "perplexity": perplexity})
         if log:
             log(f"step {step}/{recipe.steps}: held-out perplexity {perplexity:.3f}")
-        return perplexity
-
-    def save():
-        saves.mkdir(parents=True, exist_ok=True)
-        with atomic_output(saves / f"step-{step}.pt", force=True) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step, "history": history,
-                        "rng": torch.get_rng_state(),
-                        "refresher": refresher.state_dict() if refresher is not None else None}, tmp)
-        for old in saves.glob("step-*.pt"):
-            if old.name != f"step-{step}.pt":
-                old.unlink()
 
     if not history["eval"]:
         evaluate()
@@ -386,21 +362,7 @@ def _train(model, teacher, train_windows, eval_windows, recipe, saves, resume, p
         losses = []
         for micro in range(recipe.accumulation):
             first = (step * recipe.accumulation + micro) * recipe.batch_size
-            batch = train_windows[order[first:first + recipe.batch_size]]
-            out = model(input_ids=batch, labels=batch, output_hidden_states=recipe.hidden_weight > 0)
-            loss = out.loss
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(input_ids=batch, output_hidden_states=recipe.hidden_weight > 0)
-                vocab = out.logits.shape[-1]
-                loss = loss + recipe.distill_weight * F.kl_div(
-                    F.log_softmax(out.logits.float().reshape(-1, vocab), dim=-1),
-                    F.log_softmax(target.logits.float().reshape(-1, vocab), dim=-1),
-                    log_target=True, reduction="batchmean")
-                if recipe.hidden_weight > 0:
-                    loss = loss + recipe.hidden_weight * sum(
-                        F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean()
-                        for s, t in zip(out.hidden_states[1:], target.hidden_states[1:])) / (len(out.hidden_states) - 1)
+            loss = _loss(model, teacher, train_windows[order[first:first + recipe.batch_size]], recipe)
             (loss / recipe.accumulation).backward()
             losses.append(float(loss.detach()))
         optimizer.step()
@@ -415,7 +377,7 @@ def _train(model, teacher, train_windows, eval_windows, recipe, saves, resume, p
         bar.set_postfix(loss=f"{history['loss'][-1]['loss']:.3f}",
                         tok_s=f"{trained / (time.perf_counter() - start):.0f}")
         if recipe.save_every and step % recipe.save_every == 0 and step < recipe.steps:
-            save()
+            _save(saves, step, history, run)
         if recipe.eval_every and step % recipe.eval_every == 0 and step < recipe.steps:
             evaluate()
     bar.close()
@@ -425,3 +387,72 @@ def _train(model, teacher, train_windows, eval_windows, recipe, saves, resume, p
             "perplexity_before": history["eval"][0]["perplexity"], "perplexity_after": history["eval"][-1]["perplexity"],
             "history": history,
             "sad": None if refresher is None else [r["total"]["fraction"] for r in refresher.history]}
+
+
+def _loss(model, teacher, batch, recipe):
+    """The training loss of one micro-batch: the causal-LM cross-entropy, plus with a
+    teacher the KL divergence of the logits and, if weighted, the hidden-state loss."""
+    import torch
+    import torch.nn.functional as F
+
+    out = model(input_ids=batch, labels=batch, output_hidden_states=recipe.hidden_weight > 0)
+    loss = out.loss
+    if teacher is None:
+        return loss
+    with torch.no_grad():
+        target = teacher(input_ids=batch, output_hidden_states=recipe.hidden_weight > 0)
+    vocab = out.logits.shape[-1]
+    loss = loss + recipe.distill_weight * F.kl_div(
+        F.log_softmax(out.logits.float().reshape(-1, vocab), dim=-1),
+        F.log_softmax(target.logits.float().reshape(-1, vocab), dim=-1),
+        log_target=True, reduction="batchmean")
+    if recipe.hidden_weight > 0:
+        loss = loss + recipe.hidden_weight * sum(
+            F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean()
+            for s, t in zip(out.hidden_states[1:], target.hidden_states[1:])) / (len(out.hidden_states) - 1)
+    return loss
+
+
+def _perplexity(model, windows, batch_size):
+    """Held-out perplexity of ``windows``, in eval mode (the model is left in train mode)."""
+    import torch
+
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
+    model.train()
+    return math.exp(total / len(windows))
+
+
+def _save(saves, step, history, run):
+    """Write checkpoint ``step`` whole or not at all (atomically), then remove older ones."""
+    import torch
+
+    from .io import atomic_output
+
+    saves.mkdir(parents=True, exist_ok=True)
+    refresher = run["refresher"]
+    with atomic_output(saves / f"step-{step}.pt", force=True) as tmp:
+        torch.save({"model": run["model"].state_dict(), "optimizer": run["optimizer"].state_dict(),
+                    "scheduler": run["scheduler"].state_dict(), "step": step, "history": history,
+                    "rng": torch.get_rng_state(),
+                    "refresher": refresher.state_dict() if refresher is not None else None}, tmp)
+    for old in saves.glob("step-*.pt"):
+        if old.name != f"step-{step}.pt":
+            old.unlink()
+
+
+def _restore(path, run):
+    """Load checkpoint ``path`` into the run (safely: ``weights_only``); returns ``(step, history)``."""
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    run["model"].load_state_dict(state["model"])
+    run["optimizer"].load_state_dict(state["optimizer"])
+    run["scheduler"].load_state_dict(state["scheduler"])
+    if run["refresher"] is not None:
+        run["refresher"].load_state_dict(state["refresher"])
+    torch.set_rng_state(state["rng"])  # dropout goes on as in the uninterrupted run
+    return state["step"], state["history"]

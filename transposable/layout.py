@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .solvers._common import is_torch
+from .solvers import is_torch
 
 _AXIS_NAMES = {0: "out", 1: "in"}
 

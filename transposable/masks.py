@@ -9,7 +9,7 @@ along ``out``.
 import numpy as np
 
 from . import solvers
-from .solvers._common import is_torch
+from .solvers import is_torch
 
 from .layout import Layout
 from .patterns import parse_pattern

@@ -23,10 +23,10 @@ from torch import nn
 
 from . import solvers
 
+from .layers import is_conv1d, linear_weight, prunable
 from .layout import Layout, tiling_error
 from .masks import mask, resolve_method
 from .patterns import parse_pattern
-from .prune import is_conv1d, linear_weight, prunable
 
 log = logging.getLogger("transposable")
 
@@ -951,8 +951,7 @@ def _read_state(source):
     """Every tensor of a state dict, checkpoint file or model folder, read safely."""
     if isinstance(source, Mapping):
         return source
-    from .formats import format_of
-    from .pretrained import find_checkpoint
+    from .formats import find_checkpoint, format_of
 
     path = Path(source)
     path, kind = find_checkpoint(path) if path.is_dir() else (path, format_of(path))

@@ -7,50 +7,53 @@ importance scores, reconstruct what is kept, and run the pruned block to produce
 block's inputs. Only one block's activations are held at a time, and the model is never
 copied, so memory is the model plus one block's worth of calibration activations.
 
-Scores (``score=``):
+What a run does is a :class:`PruneRecipe` (pattern, score and its options, solver, layers,
+channel permutations), checked once and recorded in reports; :func:`prune` builds one from
+its keywords. The scores (``score=``) are modules of :mod:`transposable.scores`, each
+declaring the statistics it needs; the block walker here knows none by name:
 
-- ``"magnitude"``: ``|W|``.
-- ``"wanda"``: ``|W_ij| * ||X_j||_2`` (Sun et al., 2024): weights times the norm of their
-  input feature over the calibration tokens; no reconstruction.
 - ``"sparsegpt"``: the optimal-brain-surgeon saliency ``W_ij**2 / [H^-1]_jj**2`` with
   ``H = X^T X`` (Frantar and Alistarh, 2023), masks chosen M columns at a time on the
   weights as already updated, every pruned weight's error spread over the columns not yet
-  processed (dampened Cholesky of ``H``).
+  processed (dampened Cholesky of ``H``); for transposable masks, the exact mask of each
+  slab of M x M tiles (as TSENOR; Meng et al., 2025).
+- ``"wanda"``: ``|W_ij| * ||X_j||_2`` (Sun et al., 2024): weights times the norm of their
+  input feature over the calibration tokens; no reconstruction.
+- ``"magnitude"``: ``|W|``.
 - ``"adaprune"``: magnitude masks, then the kept weights and bias fitted with Adam so the
   layer's outputs match the dense layer's on the same inputs (Hubara et al., 2021).
-
-Transposable masks fit SparseGPT's column order: the M columns processed together form a
-slab of M x M tiles down the rows, whose exact transposable mask is solved on the slab's
-scores (the combination TSENOR plugs into layer-wise pruning; Meng et al., 2025).
 """
 import fnmatch
 import functools
 import logging
-import math
 import os
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .io import check_folder
+from .layers import as_stored, is_conv1d, layer_outputs, linear_weight, prunable  # noqa: F401  (public here too)
+from .layers import CONVOLUTIONS
 from .layout import tiling_error
-from .masks import check_flag, kept_fraction, mask, resolve_method
+from .masks import check_flag, kept_fraction, resolve_method
 from .patterns import parse_pattern
-from .permute import check_budget, apply_permutation, permutable_dimensions, permute_dimension
+from .permutation import check_budget
+from .permute import apply_permutation, permutable_dimensions, permute_dimension
+from .scores import SCORES
+from .scores.base import LayerStatistics
+from .scores.sparsegpt import sparsegpt  # noqa: F401  (public here too)
 
 log = logging.getLogger("transposable")
 
-SCORES = ("sparsegpt", "wanda", "magnitude", "adaprune")
-
 
 def check_score(score):
-    """Raise ``ValueError`` unless ``score`` is one of :data:`SCORES`.
+    """Raise ``ValueError`` unless ``score`` names a score of :data:`~transposable.scores.SCORES`.
 
     Parameters
     ----------
@@ -69,16 +72,115 @@ def check_score(score):
     ...
     ValueError: unknown score 'obs'; choose from ['sparsegpt', 'wanda', 'magnitude', 'adaprune']
     """
-    if score not in SCORES:
+    if not isinstance(score, str) or score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose from {list(SCORES)}")
+
+
+@dataclass(frozen=True)
+class PruneRecipe:
+    """What a prune does, checked and resolved once: the steps and their options.
+
+    Built by :func:`prune` and :func:`transposable.pretrained.prune_pretrained` from their
+    keywords and by the ``prune`` command from its options, and recorded in the report
+    (:meth:`as_dict`) so that a run can be repeated.
+
+    Parameters
+    ----------
+    pattern : str, tuple or Pattern
+        ``"2:4"``, ``"16:32"``, ...: N kept of every M along each layer's input features
+        (parsed: the attribute is a :class:`~transposable.patterns.Pattern`).
+    transposable : bool, default True
+        Transposable masks (M x M tiles over ``(out, in)``) instead of row-wise groups.
+    score : str, default "sparsegpt"
+        A name of :data:`transposable.scores.SCORES`: how weights are ranked and what is
+        reconstructed.
+    method : str, default "auto"
+        The mask solver, as in :func:`transposable.mask` (resolved: ``"auto"`` becomes the
+        engine's name).
+    layers : sequence of str, optional
+        Glob patterns on layer names: prune only those (default: every prunable layer in
+        the blocks).
+    options : mapping, optional
+        The score's own options (its ``OPTIONS``, e.g. SparseGPT's ``dampening``,
+        AdaPrune's ``steps`` and ``lr``); the others take their defaults.
+    permute : bool, default False
+        Permute each block's permutable dimensions before pruning it (see :func:`prune`).
+    permute_seconds : float, default 1.0
+        Search time budget per permuted dimension.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the first bad field and its value: the pattern, a flag that is not a bool,
+        an unknown score or method, a method that cannot solve the pattern, ``layers`` that
+        is not a list of strings, an option the score does not take or a bad value of one,
+        a budget that is not positive.
+
+    Examples
+    --------
+    >>> recipe = PruneRecipe("2:4", score="sparsegpt", options={"dampening": 0.05})
+    >>> recipe.pattern, recipe.method, dict(recipe.options)
+    (Pattern(n=2, m=4), 'exhaustive', {'dampening': 0.05})
+    >>> PruneRecipe("2:4", score="wanda", options={"dampening": 0.05})
+    Traceback (most recent call last):
+    ...
+    ValueError: score 'wanda' takes no option 'dampening' (its options: none)
+    """
+
+    pattern: object
+    transposable: bool = True
+    score: str = "sparsegpt"
+    method: str = "auto"
+    layers: tuple = None
+    options: Mapping = field(default_factory=dict)
+    permute: bool = False
+    permute_seconds: float = 1.0
+
+    def __post_init__(self):
+        pattern = parse_pattern(self.pattern)
+        check_flag("transposable", self.transposable)
+        check_score(self.score)
+        method = resolve_method(self.method, pattern, transposable=self.transposable)
+        layers = self.layers
+        if layers is not None:
+            if isinstance(layers, str) or not all(isinstance(glob, str) for glob in layers):
+                raise TypeError(f"layers must be a list of layer names or glob patterns, got {layers!r}")
+            layers = tuple(layers)
+        declared = SCORES[self.score].OPTIONS
+        for name in self.options:
+            if name not in declared:
+                raise ValueError(f"score {self.score!r} takes no option {name!r} (its options: "
+                                 f"{', '.join(declared) or 'none'})")
+        options = {name: option.check(name, self.options.get(name, option.default))
+                   for name, option in declared.items()}
+        check_flag("permute", self.permute)
+        check_budget(self.permute_seconds, None)
+        for name, value in (("pattern", pattern), ("method", method), ("layers", layers),
+                            ("options", MappingProxyType(options))):
+            object.__setattr__(self, name, value)
+
+    @property
+    def step(self):
+        """The score's module (:data:`transposable.scores.SCORES`)."""
+        return SCORES[self.score]
+
+    def as_dict(self):
+        """The recipe as plain JSON values (what the reports record).
+
+        Returns
+        -------
+        dict
+            Every field; the pattern as ``"N:M"``.
+        """
+        return {"pattern": str(self.pattern), "transposable": self.transposable, "score": self.score,
+                "method": self.method, "layers": None if self.layers is None else list(self.layers),
+                "options": dict(self.options), "permute": self.permute, "permute_seconds": self.permute_seconds}
+
 
 #: Where Hugging Face models keep their repeated blocks, tried in this order.
 BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks",
                "model.language_model.layers", "encoder.layer", "bert.encoder.layer", "roberta.encoder.layer",
                "layers")
-
-#: Layer types whose inputs the scores are defined for; convolutions take magnitude and AdaPrune.
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
@@ -236,25 +338,77 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     >>> tp.is_transposable_nm(model[0].weight, "2:4"), tp.is_transposable_nm(model[2].weight, "2:4")
     (True, True)
     """
-    pattern = parse_pattern(pattern)
-    method = resolve_method(method, pattern, transposable=transposable)
     check_score(score)
-    check_flag("permute", permute)
-    if permute:
-        check_budget(permute_seconds, None)
+    options = {"dampening": dampening, "steps": steps, "lr": lr}  # each score takes its own
+    recipe = PruneRecipe(pattern, transposable=transposable, score=score, method=method, layers=layers,
+                         options={name: value for name, value in options.items() if name in SCORES[score].OPTIONS},
+                         permute=permute, permute_seconds=permute_seconds)
+    return prune_model(model, calibration, recipe, blocks=blocks, report=report, progress=progress,
+                       log_block=log_block, offload_activations=offload_activations, block_loader=block_loader)
+
+
+def prune_model(model, calibration, recipe, *, blocks=None, report=None, progress=False, log_block=None,
+                offload_activations=None, block_loader=None):
+    """Prune a trained model as ``recipe`` says, one block at a time (what :func:`prune` runs).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Changed in place and returned (see :func:`prune`).
+    calibration : iterable
+        Batches of model inputs (see :func:`prune`).
+    recipe : PruneRecipe
+        The pattern, score, solver, layers and permutations.
+    blocks : str, sequence of nn.Module, or None
+        The model's repeated blocks (see :func:`prune`).
+    report : list, optional
+        One :class:`LayerReport` per prunable layer is appended.
+    progress : bool, default False
+        Show a progress bar over blocks (stderr).
+    log_block : callable, optional
+        Called with one line of text per finished block.
+    offload_activations : str or Path, optional
+        A folder for the calibration hidden states between blocks (see :func:`prune`).
+    block_loader : object, optional
+        Holds one block in memory at a time (see :func:`prune`).
+
+    Returns
+    -------
+    nn.Module
+        ``model``, with exact zeros where its masks prune.
+
+    Raises
+    ------
+    TypeError
+        If ``recipe`` is not a :class:`PruneRecipe`.
+    ValueError
+        As :func:`prune`, before any work.
+
+    Examples
+    --------
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    >>> model = prune_model(model, [torch.randn(64, 16)], PruneRecipe("4:8", score="wanda", transposable=False))
+    >>> int((model[0].weight != 0).sum()), int((model[2].weight != 0).sum())
+    (256, 256)
+    """
+    if not isinstance(recipe, PruneRecipe):
+        raise TypeError(f"recipe must be a PruneRecipe, got {type(recipe).__name__}")
+    pattern, transposable, step = recipe.pattern, recipe.transposable, recipe.step
     if offload_activations is not None:
         check_folder(offload_activations, "offload_activations")
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration holds no batches; pass a list of model inputs (tensors or dicts)")
     found = find_blocks(model, blocks)
-    targets = _targets(model, found, layers, pattern, transposable, score)
+    targets = _targets(model, found, recipe)
     chosen = [t for block in targets.values() for t in block]
     if not any(reason is None for _, _, reason in chosen):
         example = f" (e.g. {chosen[0][0]}: {chosen[0][2]})" if chosen else ""
         raise ValueError(f"no layer of the model tiles at {pattern}{' transposable' if transposable else ''}"
                          f"{example}; choose a smaller M, or other layers=")
-    if permute and not any(permutable_dimensions(block, prefix) for prefix, block in found):
+    if recipe.permute and not any(permutable_dimensions(block, prefix) for prefix, block in found):
         raise ValueError(f"permute=True, but the blocks of {type(model).__name__} have no permutable dimension: "
                          f"permutations know the MLPs and attention heads of Llama, GPT-2, BERT, OPT and GPT-NeoX "
                          f"style blocks (transposable.permute.MLP_LAYOUTS, HEAD_LAYOUTS); prune without permute")
@@ -270,7 +424,7 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
             inputs = Activations(_first_block_inputs(model, found[0][1], batches), offload_activations)
             # AdaPrune fits every layer to the dense model's outputs, so that it also corrects
             # the layers pruned before it: a second stream of activations, no second model.
-            dense = inputs.copy() if score == "adaprune" else None
+            dense = inputs.copy() if "dense_outputs" in step.NEEDS else None
             for index, (prefix, block) in enumerate(found):
                 start = time.perf_counter()
                 if block_loader is not None:
@@ -278,8 +432,7 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
                 dense_outputs = None
                 if dense is not None:
                     dense_outputs = _dense_pass(block, targets[prefix], dense)
-                entries = _prune_block(prefix, block, targets[prefix], inputs, dense_outputs, pattern, transposable,
-                                       method, score, dampening, steps, lr, permute_seconds if permute else None)
+                entries = _prune_block(prefix, block, targets[prefix], inputs, dense_outputs, recipe)
                 if report is not None:
                     report.extend(entries)
                 _advance(block, inputs)
@@ -365,80 +518,9 @@ def _default_blocks(model):
                      f"(or its name, e.g. blocks='model.layers')")
 
 
-def prunable(module):
-    """Whether :func:`prune` (and ``sparsify``) can prune this layer type.
-
-    ``nn.Linear`` and its subclasses, Hugging Face / GPT-2 ``Conv1D`` (recognised without
-    importing transformers) and ``nn.Conv{1,2,3}d``.
-
-    Parameters
-    ----------
-    module : nn.Module
-        Any module.
-
-    Returns
-    -------
-    bool
-        True for the layer types above.
-
-    Examples
-    --------
-    >>> import torch
-    >>> prunable(torch.nn.Linear(4, 4)), prunable(torch.nn.LayerNorm(4))
-    (True, False)
-    """
-    return isinstance(module, (nn.Linear, *CONVOLUTIONS)) or is_conv1d(module)
-
-
-def is_conv1d(module):
-    """Whether ``module`` is a GPT-2 style ``Conv1D``: a linear layer stored ``(in, out)``.
-
-    Recognised by its class name and attribute, without importing transformers.
-
-    Parameters
-    ----------
-    module : nn.Module
-        Any module.
-
-    Returns
-    -------
-    bool
-        True for ``transformers.pytorch_utils.Conv1D`` and look-alikes.
-
-    Examples
-    --------
-    >>> import torch
-    >>> is_conv1d(torch.nn.Linear(4, 4))
-    False
-    """
-    return (any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and hasattr(module, "nf")
-            and getattr(module, "weight", None) is not None)
-
-
-def linear_weight(module):
-    """A layer's weight as ``(out, in[, *kernel])``: the transpose for ``Conv1D``.
-
-    Parameters
-    ----------
-    module : nn.Module
-        A :func:`prunable` layer.
-
-    Returns
-    -------
-    Tensor
-        A view of the weight (not a copy).
-
-    Examples
-    --------
-    >>> import torch
-    >>> tuple(linear_weight(torch.nn.Linear(4, 8)).shape)
-    (8, 4)
-    """
-    return module.weight.t() if is_conv1d(module) else module.weight
-
-
-def _targets(model, found, layers, pattern, transposable, score):
+def _targets(model, found, recipe):
     """Per block prefix, the ``(name, layer, reason left dense or None)`` to prune."""
+    pattern, transposable, layers = recipe.pattern, recipe.transposable, recipe.layers
     modules = dict(model.named_modules())
     explicit = [glob for glob in (layers or ()) if not any(ch in glob for ch in "*?[")]
     for name in explicit:
@@ -450,6 +532,7 @@ def _targets(model, found, layers, pattern, transposable, score):
         if error is not None:
             raise ValueError(f"layer {name!r} has weight shape {tuple(module.weight.shape)}, which does not tile at "
                              f"{pattern} ({error.reason}); leave it out of layers=")
+    any_layer = " or ".join(repr(name) for name, step in SCORES.items() if not step.LINEAR_ONLY)
     targets = {}
     for prefix, block in found:
         chosen = []
@@ -457,9 +540,9 @@ def _targets(model, found, layers, pattern, transposable, score):
             name = f"{prefix}.{sub}" if sub else prefix
             if not prunable(module) or (layers is not None and not any(fnmatch.fnmatchcase(name, g) for g in layers)):
                 continue
-            if isinstance(module, CONVOLUTIONS) and score in ("wanda", "sparsegpt"):
-                raise ValueError(f"layer {name!r} is a {type(module).__name__}: score {score!r} is defined for "
-                                 f"linear layers; use score='magnitude' or 'adaprune', or leave it out with layers=")
+            if isinstance(module, CONVOLUTIONS) and recipe.step.LINEAR_ONLY:
+                raise ValueError(f"layer {name!r} is a {type(module).__name__}: score {recipe.score!r} is defined for "
+                                 f"linear layers; use score={any_layer}, or leave it out with layers=")
             error = tiling_error(tuple(linear_weight(module).shape), pattern.m, transposable=transposable, hint="")
             chosen.append((name, module, None if error is None else error.reason))
         targets[prefix] = chosen
@@ -470,7 +553,28 @@ class _Captured(Exception):
     """Raised by the hook on the first block once its inputs are recorded."""
 
 
-def _call(model, batch):
+def call_model(model, batch):
+    """Run ``model`` on one calibration batch, whatever its form.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    batch : Tensor, tuple, list or mapping
+        The first positional input, the positional inputs, or the keyword inputs
+        (a dict or ``BatchEncoding``).
+
+    Returns
+    -------
+    object
+        What the model returns.
+
+    Examples
+    --------
+    >>> import torch
+    >>> call_model(torch.nn.Identity(), {"input": torch.ones(1)}).tolist()
+    [1.0]
+    """
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -491,7 +595,7 @@ def _first_block_inputs(model, block, batches):
     try:
         for batch in batches:
             try:
-                _call(model, batch)
+                call_model(model, batch)
             except _Captured:
                 continue
             raise ValueError("the model's forward never reached its first block; check blocks=")
@@ -645,64 +749,6 @@ class _no_cache:
             self.config.use_cache = self.saved
 
 
-class _InputStats:
-    """What one layer's inputs tell each score, accumulated batch by batch."""
-
-    def __init__(self, layer, score):
-        self.layer, self.score = layer, score
-        self.sample = None  # the first batch's inputs: the reported errors are measured on them
-        self.inputs = []  # AdaPrune fits on all of them
-        self.tokens = 0
-        self.sum_squares = None  # Wanda
-        self.hessian = None  # SparseGPT
-        self.moves = []  # permutations of the input features applied so far (permute=True)
-
-    def permute_inputs(self, positions):
-        """Reorder every statistic along the input features (``positions[i]``: the old
-        feature now at ``i``), remembering it for :meth:`restore_inputs`."""
-        self.moves.append(positions)
-        self._reorder(positions)
-
-    def restore_inputs(self):
-        for positions in reversed(self.moves):
-            self._reorder(torch.argsort(positions))
-        self.moves = []
-
-    def _reorder(self, positions):
-        positions = positions.to(self.sample.device)  # statistics live beside the inputs
-        self.sample = self.sample.index_select(-1, positions)
-        self.inputs = [x.index_select(-1, positions) for x in self.inputs]
-        if self.sum_squares is not None:
-            self.sum_squares = self.sum_squares.index_select(0, positions)
-        if self.hessian is not None:
-            self.hessian = self.hessian.index_select(0, positions).index_select(1, positions)
-
-    def add(self, x):
-        x = x.detach()
-        if self.sample is None:
-            self.sample = x
-        if self.score == "adaprune":
-            self.inputs.append(x)
-        if self.score not in ("wanda", "sparsegpt"):
-            return
-        flat = x.reshape(-1, x.shape[-1]).float()
-        self.tokens += flat.shape[0]
-        # Accumulated in place: a new sum per batch, kept while the block's temporaries come
-        # and go, would fragment the heap (measured: +30 % peak memory on SmolLM2).
-        if self.score == "wanda":
-            squares = flat.pow(2).sum(dim=0).double()
-            if self.sum_squares is None:
-                self.sum_squares = squares
-            else:
-                self.sum_squares += squares
-        else:
-            product = (flat.t() @ flat).double()
-            if self.hessian is None:
-                self.hessian = product
-            else:
-                self.hessian += product
-
-
 def _advance(block, inputs):
     """Replace every window's inputs by the block's outputs: the next block's inputs."""
     for j in range(len(inputs)):
@@ -746,12 +792,11 @@ def _malloc_trim():
         return None
 
 
-def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transposable, method, score, dampening,
-                 steps, lr, permute_seconds):
+def _prune_block(prefix, block, targets, inputs, dense_outputs, recipe):
     entries = [LayerReport(name, list(layer.weight.shape), f"left dense: {reason}")
                for name, layer, reason in targets if reason is not None]
     live = [(name, layer) for name, layer, reason in targets if reason is None]
-    stats = {name: _InputStats(layer, score) for name, layer in live}
+    stats = {name: LayerStatistics(layer, recipe.step.NEEDS) for name, layer in live}
     handles = [layer.register_forward_pre_hook(lambda module, args, kept=stats[name]: kept.add(args[0]))
                for name, layer in live]
     try:
@@ -762,16 +807,14 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transpo
             handle.remove()
     _release_freed_memory()
     permutations = {}
-    if permute_seconds is not None:
-        permutations = _permute_block(prefix, block, inputs[0], stats, dense_outputs, pattern, transposable, score,
-                                      dampening, permute_seconds)
+    if recipe.permute:
+        permutations = _permute_block(prefix, block, inputs[0], stats, dense_outputs, recipe)
         for entry in entries:
             if entry.name in permutations:
                 entry.permutation = permutations[entry.name][2]
     for name, layer in live:
-        targets_out = dense_outputs[name] if dense_outputs is not None else None
-        entry = _prune_layer(name, layer, stats[name], targets_out, pattern, transposable, method, score, dampening,
-                             steps, lr)
+        stats[name].dense_outputs = dense_outputs[name] if dense_outputs is not None else None
+        entry = _prune_layer(name, layer, stats[name], recipe)
         if name in permutations:
             entry.permutation_gain, entry.permutation_seconds, entry.permutation = permutations[name]
         entries.append(entry)
@@ -779,34 +822,40 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, pattern, transpo
     return entries
 
 
-def _permute_block(prefix, block, sample, stats, dense_outputs, pattern, transposable, score, dampening, seconds):
+def _permute_block(prefix, block, sample, stats, dense_outputs, recipe):
     """Permute the block's permutable dimensions on the calibration scores of its layers,
     and move the statistics of the layers' inputs (and AdaPrune's dense outputs) along.
 
-    For SparseGPT the groups are placed by decreasing second moment of the inputs of the
-    layers that read the dimension (the Hessian's diagonal, as GPTQ's "act order"): SparseGPT
-    prunes a layer's inputs in order and spreads each error over those still to come, so the
-    order matters as much as the grouping (benchmarks/README.md, issue 17).
+    A score that walks a layer's inputs in order (SparseGPT: it spreads each error over the
+    inputs still to come) gives a weight per input feature (``input_priority``); the groups
+    are then placed by decreasing weight, summed over the layers that read the dimension
+    (for SparseGPT the Hessian's diagonal, as GPTQ's "act order"): the order matters as much
+    as the grouping (benchmarks/README.md, issue 17).
 
     The block's outputs on ``sample`` are compared before and after: a block whose layers
     are named like a known layout but compute something else is put back as it was, with a
     warning. Returns ``{layer name: (gain or None, search seconds, {"axis", "positions"})}``
     for every permuted layer."""
+    step = recipe.step
     args, kwargs = sample
     before = _hidden(block(*args, **kwargs)).double()
-    scores = {name: _importance(kept.layer, kept, score, dampening) for name, kept in stats.items()}
+    scores = {name: step.importance(linear_weight(kept.layer).detach().double(), kept, recipe.options)
+              for name, kept in stats.items()}
     done, permuted = [], {}
     for dimension in permutable_dimensions(block, prefix):
+        readers = {name: step.input_priority(stats[name]) for name, _, axis, _ in dimension.members
+                   if axis == 1 and name in stats}
         priority = None
-        if score == "sparsegpt":  # SparseGPT walks a reader's inputs in order: heaviest groups first
+        if any(weights is not None for weights in readers.values()):  # heaviest groups first
             priority = np.zeros(dimension.size)
             for name, _, axis, index in dimension.members:
-                if axis == 1 and name in stats:
-                    diagonal = torch.diag(stats[name].hessian).cpu().numpy()
+                if axis == 1 and name in readers:
+                    weights = readers[name].cpu().numpy()
                     inside = index >= 0
-                    np.add.at(priority, index[inside], diagonal[inside] / max(diagonal.mean(), 1e-300))
+                    np.add.at(priority, index[inside], weights[inside] / max(weights.mean(), 1e-300))
         report = permute_dimension(dimension, {name: scores[name] for name, *_ in dimension.members if name in scores},
-                                   pattern, transposable=transposable, seconds=seconds, priority=priority)
+                                   recipe.pattern, transposable=recipe.transposable, seconds=recipe.permute_seconds,
+                                   priority=priority)
         done.append((dimension, report.order))
         for name, _, axis, index in dimension.members:
             positions = torch.as_tensor(dimension.positions(report.order, index))
@@ -833,43 +882,17 @@ def _dtype(module):
     return next((p.dtype for p in module.parameters()), torch.float32)
 
 
-def _importance(layer, stats, score, dampening):
-    """The layer's weight importance as its score defines it, ``(out, in)``, float64: for
-    SparseGPT the saliency before any update, ``w**2 / [H^-1]_jj``."""
-    weight = linear_weight(layer).detach().double()
-    if score == "wanda":
-        return weight.abs() * (stats.sum_squares / max(stats.tokens, 1)).sqrt().to(weight)[None, :]
-    if score == "sparsegpt":
-        h, _ = _dampened(stats.hessian / max(stats.tokens, 1), dampening)
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        return weight.pow(2) / torch.diag(inverse).to(weight)[None, :]
-    return weight.abs()
-
-
-def _prune_layer(name, layer, stats, dense_outputs, pattern, transposable, method, score, dampening, steps, lr):
+def _prune_layer(name, layer, stats, recipe):
     start = time.perf_counter()
     # (out, in[, *kernel]), float32: for a float32 layer its own values, which stay as they
     # are until the layer is written at the end (no copy: a 7B layer's copy is 180 MB).
     weight = linear_weight(layer).detach().float()
-    new = None
-    if score == "sparsegpt":
-        hessian, stats.hessian = stats.hessian.div_(max(stats.tokens, 1)), None  # one copy fewer alive
-        new, keep = sparsegpt(weight, hessian, pattern, transposable=transposable, method=method,
-                              dampening=dampening)
-        del hessian
-    else:
-        scores = None
-        if score == "wanda":
-            scores = weight.abs() * (stats.sum_squares / max(stats.tokens, 1)).sqrt().to(weight)[None, :]
-        keep = mask(weight, pattern, transposable=transposable, method=method, scores=scores)
-        del scores
-    original = _stored(layer, weight)
+    keep, new, new_bias = recipe.step.prune(weight, stats, recipe)
+    original = as_stored(layer, weight)
     bias = None if layer.bias is None else layer.bias.detach().float().clone()
-    masked = _stored(layer, weight * keep)
-    new_weight, new_bias = masked if new is None else _stored(layer, new), bias
-    if score == "adaprune":
-        new_weight, new_bias = _fit(layer, _stored(layer, keep.to(weight.dtype)), masked, bias, stats.inputs,
-                                    dense_outputs, steps, lr)
+    masked = as_stored(layer, weight * keep)
+    new_weight = masked if new is None else as_stored(layer, new)
+    new_bias = bias if new_bias is None else new_bias
     error_masked = _relative_error(layer, (masked, bias), (original, bias), stats.sample)
     error = _relative_error(layer, (new_weight, new_bias), (original, bias), stats.sample)
     kept = kept_fraction(weight, keep)  # before the layer (maybe weight itself) is written
@@ -881,131 +904,7 @@ def _prune_layer(name, layer, stats, dense_outputs, pattern, transposable, metho
                        time.perf_counter() - start)
 
 
-def _stored(layer, weight):
-    """A weight in the library's ``(out, in)`` convention, as the layer stores it."""
-    return weight.t() if is_conv1d(layer) else weight
-
-
-def _outputs(layer, weight, bias, x):
-    params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-    return functional_call(layer, params, (x.float(),))
-
-
 def _relative_error(layer, candidate, reference, x):
     """``||f(x; candidate) - f(x; reference)||^2 / ||f(x; reference)||^2``."""
-    ours, theirs = _outputs(layer, *candidate, x).double(), _outputs(layer, *reference, x).double()
+    ours, theirs = layer_outputs(layer, *candidate, x).double(), layer_outputs(layer, *reference, x).double()
     return float((ours - theirs).pow(2).sum() / theirs.pow(2).sum().clamp_min(1e-300))
-
-
-def _fit(layer, keep, masked, bias, inputs, targets, steps, lr):
-    """AdaPrune: fit the kept weights and the bias with Adam so that the layer's outputs on
-    ``inputs`` match ``targets`` (the dense model's); returns ``(weight, bias)``."""
-    weight = masked.clone().requires_grad_(True)
-    trainable = [weight]
-    fitted_bias = None
-    if bias is not None:
-        fitted_bias = bias.clone().requires_grad_(True)
-        trainable.append(fitted_bias)
-    optimizer = torch.optim.Adam(trainable, lr=lr)
-    targets = [y.float() for y in targets]
-    with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            loss = sum((_outputs(layer, weight * keep, fitted_bias, x) - y).pow(2).mean()
-                       for x, y in zip(inputs, targets)) / len(inputs)
-            loss.backward()
-            optimizer.step()
-    return (weight * keep).detach(), None if fitted_bias is None else fitted_bias.detach()
-
-
-def _dampened(hessian, dampening):
-    """``(H + dampening * mean(diag H) * I, dead)``, a new tensor, with every input that is
-    always zero (``dead``) given a unit diagonal: nothing to reconstruct from."""
-    h = hessian.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    h += dampening * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return h, dead
-
-
-def sparsegpt(weight, hessian, pattern, *, transposable=True, method="auto", dampening=0.01, blocksize=128):
-    """SparseGPT: an N:M mask and the reconstructed weights of one linear layer.
-
-    Columns are processed in order. Every M columns the mask of that slab is chosen on the
-    weights as already updated, by the saliency ``w**2 / [H^-1]_jj**2`` (for transposable
-    masks: the exact transposable mask of the slab's M x M tiles); each pruned weight's
-    error is then spread over the columns still to come along the Cholesky factor of
-    ``H^-1`` (optimal brain surgeon, with lazy block updates).
-
-    Parameters
-    ----------
-    weight : Tensor, shape (out, in)
-        The layer's weight (any float dtype; computed in float32).
-    hessian : Tensor, shape (in, in)
-        ``X^T X / tokens`` of the layer's calibration inputs.
-    pattern : str, tuple or Pattern
-        The N:M pattern.
-    transposable : bool, default True
-        Transposable masks (``out`` must be a multiple of M) instead of row-wise ones.
-    method : str, default "auto"
-        The transposable solver.
-    dampening : float, default 0.01
-        Added to the diagonal of ``H`` as a fraction of its mean (numerical stability).
-    blocksize : int, default 128
-        Columns per lazy update (rounded down to a multiple of M).
-
-    Returns
-    -------
-    weight : Tensor, shape (out, in)
-        Reconstructed, float32, zero where pruned.
-    mask : Tensor of bool, shape (out, in)
-        The mask (N:M along ``in``; transposable if asked).
-
-    References
-    ----------
-    Frantar and Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
-    One-Shot", ICML 2023.
-
-    Examples
-    --------
-    >>> import torch
-    >>> _ = torch.manual_seed(0)
-    >>> x = torch.randn(256, 16)
-    >>> w = torch.randn(8, 16)
-    >>> new, keep = sparsegpt(w, x.t() @ x / 256, "2:4")
-    >>> error = lambda v: float((x @ (v - w).t()).pow(2).sum())
-    >>> bool(error(new) < error(w * keep)), int(keep.sum())
-    (True, 64)
-    """
-    pattern = parse_pattern(pattern)
-    m = pattern.m
-    w = weight.detach().clone().float()
-    h, dead = _dampened(hessian.detach().to(torch.float64 if w.device.type == "cpu" else torch.float32), dampening)
-    columns = w.shape[1]
-    w[:, dead] = 0
-    h = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    h_inv = torch.linalg.cholesky(h, upper=True).to(w.dtype)
-    del h  # n x n float64: the largest thing a layer holds
-    keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
-    step = max(m, blocksize // m * m)
-    for first in range(0, columns, step):
-        last = min(first + step, columns)
-        block, block_inv = w[:, first:last].clone(), h_inv[first:last, first:last]
-        errors = torch.zeros_like(block)
-        for i in range(last - first):
-            if i % m == 0:
-                slab = block[:, i:i + m]
-                saliency = slab.pow(2) / torch.diag(block_inv)[i:i + m].pow(2)
-                keep[:, first + i:first + i + m] = mask(slab, pattern, transposable=transposable, method=method,
-                                                        scores=saliency)
-            column = block[:, i]
-            kept = column * keep[:, first + i]
-            error = (column - kept) / block_inv[i, i]
-            # In place (rank-1 and matrix updates without temporaries): per-column
-            # temporaries of out x blocksize fragment the heap (measured: +25 % peak).
-            block[:, i:].addr_(error, block_inv[i, i:], alpha=-1)
-            block[:, i] = kept
-            errors[:, i] = error
-        w[:, first:last] = block
-        w[:, last:].addmm_(errors, h_inv[first:last, last:], alpha=-1)
-    return w * keep, keep

@@ -67,6 +67,61 @@ def format_of(path):
     raise ValueError(f"cannot tell the format of '{path}' from its name; use one of {names}")
 
 
+def find_checkpoint(model_dir):
+    """The checkpoint file of a model folder and the format module that reads it.
+
+    A sharded index, a ``.safetensors`` file, or a PyTorch file (``pytorch_model.bin``).
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The folder.
+
+    Returns
+    -------
+    (Path, module)
+        The checkpoint path and its format.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder or its ``config.json`` is missing, or it holds no checkpoint.
+    NotADirectoryError
+        If ``model_dir`` is a file.
+    ValueError
+        If it holds several checkpoints of different kinds.
+
+    Examples
+    --------
+    >>> find_checkpoint("/nowhere")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: model folder '/nowhere' does not exist
+    """
+    from pathlib import Path
+
+    model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise NotADirectoryError(f"'{model_dir}' is a file, not a model folder; give the folder that holds "
+                                 "config.json, the tokenizer and the weights")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder '{model_dir}' does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"'{model_dir}' has no config.json: give a Hugging Face model folder")
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    for kind in ("sharded", "safetensors", "pt"):
+        found = [p for p in files if FORMATS[kind].matches(p)]
+        if kind == "pt":
+            found = [p for p in found if p.name.startswith("pytorch_model")]
+        if len(found) == 1:
+            return found[0], FORMATS[kind]
+        if len(found) > 1:
+            raise ValueError(f"'{model_dir}' holds {len(found)} {FORMATS[kind].DESCRIPTION} checkpoints "
+                             f"({', '.join(p.name for p in found[:3])}); keep one")
+    raise FileNotFoundError(f"'{model_dir}' holds no model.safetensors, *.safetensors.index.json or "
+                            f"pytorch_model.bin")
+
+
 def mask_metadata(pattern, transposable, method):
     """The metadata every output of the library records (one schema for all commands).
 

@@ -58,7 +58,7 @@ def names(path):
     import torch
 
     obj = load(path)
-    return [""] if isinstance(obj, torch.Tensor) else [name for name, _ in _flatten(obj)] if isinstance(obj, dict) else []
+    return [""] if isinstance(obj, torch.Tensor) else [name for name, _ in flatten(obj)] if isinstance(obj, dict) else []
 
 
 def read_tensor(path, key=None):
@@ -70,7 +70,7 @@ def read_tensor(path, key=None):
         if key is not None:
             raise ValueError(f"'{path}' holds a single tensor, not a dict; drop the key {key!r}")
         return obj, None
-    tensors = dict(_flatten(obj)) if isinstance(obj, dict) else {}
+    tensors = dict(flatten(obj)) if isinstance(obj, dict) else {}
     if not tensors:
         raise ValueError(f"'{path}' holds no tensors (found {type(obj).__name__})")
     name = pick(list(tensors), key, path)
@@ -139,14 +139,35 @@ def pick(names, key, path):
     return key
 
 
-def _flatten(tree, prefix=""):
+def flatten(tree, prefix=""):
+    """Every tensor of a nested state dict, with its dotted name.
+
+    Parameters
+    ----------
+    tree : dict
+        Tensors and dicts of them (what ``torch.save`` of a state dict, or of a dict of
+        state dicts, holds).
+    prefix : str, optional
+        Put before every name.
+
+    Yields
+    ------
+    (str, Tensor)
+        ``("model.layers.0.weight", tensor)``, in the dicts' order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> [name for name, _ in flatten({"model": {"w": torch.zeros(1)}, "b": torch.zeros(1)})]
+    ['model.w', 'b']
+    """
     import torch
 
     for name, value in tree.items():
         if isinstance(value, torch.Tensor):
             yield prefix + str(name), value
         elif isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{name}.")
+            yield from flatten(value, f"{prefix}{name}.")
 
 
 def _tensors_in(node):

@@ -18,6 +18,7 @@ Engines know nothing about files, modules or weight layouts; ``transposable`` do
 NumPy is enough to use them.
 """
 from . import cyclecanceling, exhaustive, greedy, mincostflow, rowwise
+from ._common import is_torch
 from .mincostflow import MinCostFlowError
 
 #: Engines for transposable N:M masks, by method name.
@@ -28,4 +29,5 @@ TRANSPOSABLE = {
     "mincostflow": mincostflow,
 }
 
-__all__ = ["TRANSPOSABLE", "MinCostFlowError", "cyclecanceling", "exhaustive", "greedy", "mincostflow", "rowwise"]
+__all__ = ["TRANSPOSABLE", "MinCostFlowError", "cyclecanceling", "exhaustive", "greedy", "is_torch", "mincostflow",
+           "rowwise"]

@@ -7,7 +7,24 @@ SCALE_ABOVE = 512
 
 
 def is_torch(x):
-    """True for a torch tensor, without importing torch."""
+    """Whether ``x`` is a torch tensor, told without importing torch.
+
+    Parameters
+    ----------
+    x : object
+        Anything.
+
+    Returns
+    -------
+    bool
+        True for a ``torch.Tensor`` (and its subclasses from torch).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_torch(np.zeros(2))
+    False
+    """
     return type(x).__module__.startswith("torch")
 
 
