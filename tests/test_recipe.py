@@ -72,7 +72,7 @@ def probe_score(gathered):
     module.importance = lambda weight, stats, options: weight.abs()
     module.input_priority = lambda stats: None
 
-    def prune_layer(weight, stats, recipe):
+    def prune_layer(layer, weight, stats, recipe):
         gathered.append({"sum_squares": stats.sum_squares is not None, "hessian": stats.hessian is not None,
                          "inputs": bool(stats.inputs), "dense_outputs": stats.dense_outputs is not None,
                          "tokens": stats.tokens})
@@ -112,9 +112,11 @@ def test_the_command_offers_every_score_and_option_from_the_registry():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert f"one of {', '.join(SCORES)} (default sparsegpt)" in text
-    for score, step in SCORES.items():
-        for name, option in step.OPTIONS.items():
-            assert f"--{name} {name.upper()} {score}: {option.help} (default {option.default})" in text
+    for name in {name for step in SCORES.values() for name in step.OPTIONS}:
+        users = [score for score, step in SCORES.items() if name in step.OPTIONS]
+        option = SCORES[users[0]].OPTIONS[name]
+        flag = name.replace("_", "-")
+        assert f"--{flag} {name.upper()} {', '.join(users)}: {option.help} (default {option.default})" in text
 
 
 def test_the_command_builds_the_recipe_and_the_report_records_it(model_folder, tmp_path):  # noqa: F811

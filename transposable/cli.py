@@ -276,15 +276,16 @@ def _build_parser():
 
 
 def _score_options():
-    """Every score's own options, by name: ``{name: (score, Option)}`` (the first score
-    that declares a name gives its help)."""
+    """Every score's own options, by name: ``{name: ("score, score", Option)}`` (the first
+    score that declares a name gives its help and default)."""
     from .scores import SCORES
 
     found = {}
     for score, step in SCORES.items():
         for name, option in step.OPTIONS.items():
-            found.setdefault(name, (score, option))
-    return found
+            scores, first = found.get(name, ((), option))
+            found[name] = ((*scores, score), first)
+    return {name: (", ".join(scores), option) for name, (scores, option) in found.items()}
 
 
 def _add_mask_options(parser, methods, pad_help):

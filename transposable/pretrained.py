@@ -25,7 +25,8 @@ from .masks import check_flag
 
 def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposable=True, score="sparsegpt",
                      method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=1.0, device=None,
-                     stream=True, offload_activations=None, force=False, progress=False, log_block=None):
+                     stream=True, offload_activations=None, force=False, progress=False, log_block=None,
+                     options=None):
     """Prune a Hugging Face causal language model folder into a new folder.
 
     Parameters
@@ -75,6 +76,9 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         A progress bar over blocks.
     log_block : callable, optional
         Called with one line per finished block.
+    options : mapping, optional
+        The score's own options (``dampening``, ...; see
+        :class:`transposable.prune.PruneRecipe`).
 
     Returns
     -------
@@ -107,8 +111,8 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     """
     from .prune import PruneRecipe
 
-    recipe = PruneRecipe(pattern, transposable=transposable, score=score, method=method, permute=permute,
-                         permute_seconds=permute_seconds)
+    recipe = PruneRecipe(pattern, transposable=transposable, score=score, method=method, options=options or {},
+                         permute=permute, permute_seconds=permute_seconds)
     return prune_folder(model_dir, output, calibration_file, recipe, samples=samples, seqlen=seqlen, seed=seed,
                         device=device, stream=stream, offload_activations=offload_activations, force=force,
                         progress=progress, log_block=log_block)

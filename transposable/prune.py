@@ -236,7 +236,7 @@ class LayerReport:
 
 def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", method="auto", blocks=None,
           layers=None, dampening=0.01, steps=200, lr=1e-3, permute=False, permute_seconds=1.0, report=None,
-          progress=False, log_block=None, offload_activations=None, block_loader=None):
+          progress=False, log_block=None, offload_activations=None, block_loader=None, options=None):
     """Prune a trained model's layers to N:M with calibration data, one block at a time.
 
     Parameters
@@ -255,7 +255,8 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     transposable : bool, default True
         Transposable masks (M x M tiles over ``(out, in)``) instead of row-wise groups.
     score : {"sparsegpt", "wanda", "magnitude", "adaprune"}
-        How weights are ranked and what is reconstructed (see the module notes).
+        How weights are ranked and what is reconstructed (see the module notes; any name
+        of :data:`transposable.scores.SCORES`).
     method : str, default "auto"
         The transposable solver, as in :func:`transposable.mask` (exact by default).
     blocks : str, sequence of nn.Module, or None
@@ -296,6 +297,8 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
         does for models larger than memory): ``block_loader.load(prefix, block)`` is called
         before a block's work and ``block_loader.unload(prefix, block, entries)`` once the
         block has produced the next block's inputs (``entries``: its :class:`LayerReport` s).
+    options : mapping, optional
+        The score's options by name (its ``OPTIONS``), over ``dampening``, ``steps`` and ``lr``.
 
     Returns
     -------
@@ -339,10 +342,10 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     (True, True)
     """
     check_score(score)
-    options = {"dampening": dampening, "steps": steps, "lr": lr}  # each score takes its own
+    named = {"dampening": dampening, "steps": steps, "lr": lr}  # each score takes its own
+    named = {name: value for name, value in named.items() if name in SCORES[score].OPTIONS}
     recipe = PruneRecipe(pattern, transposable=transposable, score=score, method=method, layers=layers,
-                         options={name: value for name, value in options.items() if name in SCORES[score].OPTIONS},
-                         permute=permute, permute_seconds=permute_seconds)
+                         options={**named, **(options or {})}, permute=permute, permute_seconds=permute_seconds)
     return prune_model(model, calibration, recipe, blocks=blocks, report=report, progress=progress,
                        log_block=log_block, offload_activations=offload_activations, block_loader=block_loader)
 
@@ -796,25 +799,19 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, recipe):
     entries = [LayerReport(name, list(layer.weight.shape), f"left dense: {reason}")
                for name, layer, reason in targets if reason is not None]
     live = [(name, layer) for name, layer, reason in targets if reason is None]
-    stats = {name: LayerStatistics(layer, recipe.step.NEEDS) for name, layer in live}
-    handles = [layer.register_forward_pre_hook(lambda module, args, kept=stats[name]: kept.add(args[0]))
-               for name, layer in live]
-    try:
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    stats = _gather(block, live, inputs, recipe.step.NEEDS)
     _release_freed_memory()
     permutations = {}
     if recipe.permute:
-        permutations = _permute_block(prefix, block, inputs[0], stats, dense_outputs, recipe)
+        permutations = _permute_block(prefix, block, inputs[0], dict(live), stats, dense_outputs, recipe)
         for entry in entries:
             if entry.name in permutations:
                 entry.permutation = permutations[entry.name][2]
     for name, layer in live:
-        stats[name].dense_outputs = dense_outputs[name] if dense_outputs is not None else None
-        entry = _prune_layer(name, layer, stats[name], recipe)
+        kept = stats.pop(name)  # statistics shared by several layers go with the last of them
+        kept.dense_outputs = dense_outputs[name] if dense_outputs is not None else None
+        entry = _prune_layer(name, layer, kept, recipe)
+        del kept
         if name in permutations:
             entry.permutation_gain, entry.permutation_seconds, entry.permutation = permutations[name]
         entries.append(entry)
@@ -822,7 +819,48 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, recipe):
     return entries
 
 
-def _permute_block(prefix, block, sample, stats, dense_outputs, recipe):
+def _gather(block, live, inputs, needs):
+    """Run the block on every window and gather each live layer's input statistics.
+
+    Layers that read the same tensor (q, k and v; gate and up) share one
+    :class:`~transposable.scores.base.LayerStatistics`: one Hessian computed, stored and
+    factored for all of them. Sharing is decided on the first window (the same tensor
+    object) and checked on every other.
+    """
+    stats, leader, latest = {}, {}, {}
+    readers = {}  # on the first window: id of an input tensor -> (the first layer reading it, the tensor)
+
+    def record(name, layer, x):
+        if name not in leader:
+            first = readers.get(id(x))
+            leader[name] = first[0] if first is not None and first[1] is x else name
+            if leader[name] == name:
+                readers[id(x)] = (name, x)  # held for the window, so that its id is not reused
+                stats[name] = LayerStatistics(needs)
+            else:
+                stats[name] = stats[leader[name]]
+        if leader[name] == name:
+            stats[name].add(x)
+            latest[name] = x
+        elif latest[leader[name]] is not x:
+            raise RuntimeError(f"layer {name!r} read the same input as {leader[name]!r} on the first calibration "
+                               "window but not on a later one; the block's forward depends on its inputs")
+
+    handles = [layer.register_forward_pre_hook(lambda module, args, name=name, layer=layer: record(name, layer,
+                                                                                                    args[0]))
+               for name, layer in live]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+            readers.clear()
+            latest.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _permute_block(prefix, block, sample, layers, stats, dense_outputs, recipe):
     """Permute the block's permutable dimensions on the calibration scores of its layers,
     and move the statistics of the layers' inputs (and AdaPrune's dense outputs) along.
 
@@ -839,10 +877,11 @@ def _permute_block(prefix, block, sample, stats, dense_outputs, recipe):
     step = recipe.step
     args, kwargs = sample
     before = _hidden(block(*args, **kwargs)).double()
-    scores = {name: step.importance(linear_weight(kept.layer).detach().double(), kept, recipe.options)
+    scores = {name: step.importance(linear_weight(layers[name]).detach().double(), kept, recipe.options)
               for name, kept in stats.items()}
     done, permuted = [], {}
     for dimension in permutable_dimensions(block, prefix):
+        moved = set()  # a layer's statistics are moved once, even where layers share them
         readers = {name: step.input_priority(stats[name]) for name, _, axis, _ in dimension.members
                    if axis == 1 and name in stats}
         priority = None
@@ -860,8 +899,9 @@ def _permute_block(prefix, block, sample, stats, dense_outputs, recipe):
         for name, _, axis, index in dimension.members:
             positions = torch.as_tensor(dimension.positions(report.order, index))
             permuted[name] = (report.layers.get(name), report.seconds, {"axis": axis, "positions": positions.tolist()})
-            if axis == 1 and name in stats:
+            if axis == 1 and name in stats and id(stats[name]) not in moved:
                 stats[name].permute_inputs(positions)
+                moved.add(id(stats[name]))
             if axis == 0 and dense_outputs is not None and name in dense_outputs:
                 dense_outputs[name] = [y.index_select(-1, positions.to(y.device)) for y in dense_outputs[name]]
     after = _hidden(block(*args, **kwargs)).double()
@@ -872,7 +912,7 @@ def _permute_block(prefix, block, sample, stats, dense_outputs, recipe):
         log.warning("block %s: the channel permutations changed its outputs (relative %.2g): its layers are named "
                     "like a known layout but compute something else; it is pruned unpermuted", prefix or "model",
                     change)
-        for name, kept in stats.items():
+        for kept in {id(kept): kept for kept in stats.values()}.values():
             kept.restore_inputs()
         return {}
     return permuted
@@ -887,7 +927,7 @@ def _prune_layer(name, layer, stats, recipe):
     # (out, in[, *kernel]), float32: for a float32 layer its own values, which stay as they
     # are until the layer is written at the end (no copy: a 7B layer's copy is 180 MB).
     weight = linear_weight(layer).detach().float()
-    keep, new, new_bias = recipe.step.prune(weight, stats, recipe)
+    keep, new, new_bias = recipe.step.prune(layer, weight, stats, recipe)
     original = as_stored(layer, weight)
     bias = None if layer.bias is None else layer.bias.detach().float().clone()
     masked = as_stored(layer, weight * keep)

@@ -23,9 +23,11 @@ registry and know no score by name:
 ``input_priority(stats) -> Tensor or None``
     A weight per input feature when the score walks a layer's inputs in order (the
     permutations then place heavy groups first), else None.
-``prune(weight, stats, recipe) -> (keep, new_weight or None, new_bias or None)``
-    The mask of ``weight`` (float32, ``(out, in)``) and the reconstructed weight and bias
-    (None: the masked weight, the bias unchanged).
+``prune(layer, weight, stats, recipe) -> (keep, new_weight or None, new_bias or None)``
+    The mask of ``layer``'s ``weight`` (float32, ``(out, in)``) and the reconstructed weight
+    and bias (None: the masked weight, the bias unchanged). ``stats`` may be shared with
+    other layers that read the same inputs (q, k and v): what a score derives from them
+    (a Hessian's factorization) it caches with ``stats.derived``.
 
 Adding a score is one module with these names and one line in ``SCORES``.
 """

@@ -11,11 +11,13 @@ OPTIONS = {"steps": Option(200, "Adam steps per layer", "positive integer"),
            "lr": Option(1e-3, "Adam's learning rate", "positive")}
 
 
-def prune(weight, stats, recipe):
+def prune(layer, weight, stats, recipe):
     """Choose the magnitude mask, then fit the kept weights and the bias (:func:`fit`).
 
     Parameters
     ----------
+    layer : nn.Module
+        The layer (its parameters are not changed here).
     weight : Tensor, shape (out, in)
         The layer's weight in the ``(out, in)`` convention, float32.
     stats : LayerStatistics
@@ -39,19 +41,18 @@ def prune(weight, stats, recipe):
     >>> from transposable.scores.base import LayerStatistics
     >>> _ = torch.manual_seed(0)
     >>> layer = torch.nn.Linear(8, 8)
-    >>> stats = LayerStatistics(layer, NEEDS)
+    >>> stats = LayerStatistics(NEEDS)
     >>> x = torch.randn(32, 8)
     >>> stats.add(x)
     >>> stats.dense_outputs = [layer(x).detach()]
-    >>> keep, new, bias = prune(layer.weight.detach(), stats, PruneRecipe("2:4", score="adaprune",
+    >>> keep, new, bias = prune(layer, layer.weight.detach(), stats, PruneRecipe("2:4", score="adaprune",
     ...                                                                   options={"steps": 5}))
     >>> bool((new[~keep] == 0).all()), tuple(bias.shape)
     (True, (8,))
     """
     from ..layers import as_stored
 
-    layer = stats.layer
-    keep, _, _ = magnitude.prune(weight, stats, recipe)
+    keep, _, _ = magnitude.prune(layer, weight, stats, recipe)
     bias = None if layer.bias is None else layer.bias.detach().float().clone()
     fitted, fitted_bias = fit(layer, as_stored(layer, keep.to(weight.dtype)), as_stored(layer, weight * keep), bias,
                               stats.inputs, stats.dense_outputs, recipe.options["steps"], recipe.options["lr"])

@@ -71,12 +71,13 @@ class Option(NamedTuple):
 
 
 class LayerStatistics:
-    """What one layer's calibration inputs tell a score, gathered batch by batch.
+    """What a layer's calibration inputs tell a score, gathered batch by batch.
+
+    Shared by the layers that read the same inputs (q, k and v): they describe inputs, not
+    a layer.
 
     Parameters
     ----------
-    layer : nn.Module
-        The layer.
     needs : iterable of str
         The statistics to gather (keys of :data:`STATISTICS`; ``dense_outputs`` are set
         by the walker).
@@ -97,14 +98,14 @@ class LayerStatistics:
     Examples
     --------
     >>> import torch
-    >>> stats = LayerStatistics(torch.nn.Linear(2, 2), {"sum_squares"})
+    >>> stats = LayerStatistics({"sum_squares"})
     >>> stats.add(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     >>> stats.tokens, stats.sum_squares.tolist()
     (2, [10.0, 20.0])
     """
 
-    def __init__(self, layer, needs):
-        self.layer, self.needs = layer, frozenset(needs)
+    def __init__(self, needs):
+        self.needs = frozenset(needs)
         self.sample = None
         self.inputs = []
         self.tokens = 0
@@ -112,6 +113,27 @@ class LayerStatistics:
         self.hessian = None
         self.dense_outputs = None
         self.moves = []  # permutations of the input features applied so far (permute=True)
+        self._derived = {}
+
+    def derived(self, key, compute):
+        """What ``compute()`` returns, computed once per ``key`` for every layer that shares
+        these statistics (a Hessian's factorization, read by q, k and v alike).
+
+        Parameters
+        ----------
+        key : hashable
+            Names the quantity and its options.
+        compute : callable
+            Computes it from these statistics.
+
+        Returns
+        -------
+        object
+            The cached value.
+        """
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def add(self, x):
         """Take one batch of the layer's inputs ``(..., in)``.
@@ -166,6 +188,7 @@ class LayerStatistics:
         self.moves = []
 
     def _reorder(self, positions):
+        self._derived.clear()
         positions = positions.to(self.sample.device)  # statistics live beside the inputs
         self.sample = self.sample.index_select(-1, positions)
         self.inputs = [x.index_select(-1, positions) for x in self.inputs]
@@ -173,3 +196,39 @@ class LayerStatistics:
             self.sum_squares = self.sum_squares.index_select(0, positions)
         if self.hessian is not None:
             self.hessian = self.hessian.index_select(0, positions).index_select(1, positions)
+
+
+def dampened(hessian, dampening):
+    """Return ``H + dampening * mean(diag H) * I`` (a new tensor) and the dead inputs.
+
+    Every input that is always zero (``dead``) gets a unit diagonal first: nothing to
+    reconstruct from, and the matrix stays positive definite.
+
+    Parameters
+    ----------
+    hessian : Tensor, shape (in, in)
+        ``X^T X / tokens``.
+    dampening : float
+        The fraction of the mean diagonal added to the diagonal.
+
+    Returns
+    -------
+    h : Tensor, shape (in, in)
+        The dampened matrix, in ``hessian``'s dtype.
+    dead : Tensor of bool, shape (in,)
+        The inputs that are always zero.
+
+    Examples
+    --------
+    >>> import torch
+    >>> h, dead = dampened(torch.diag(torch.tensor([2.0, 0.0])), 0.5)
+    >>> h.diag().tolist(), dead.tolist()
+    ([2.75, 1.75], [False, True])
+    """
+    import torch
+
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h += dampening * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h, dead

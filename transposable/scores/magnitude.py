@@ -54,11 +54,13 @@ def input_priority(stats):
     return None
 
 
-def prune(weight, stats, recipe):
+def prune(layer, weight, stats, recipe):
     """Choose the mask of ``|W|``; the kept weights stay as they are.
 
     Parameters
     ----------
+    layer : nn.Module
+        The layer (its parameters are not changed here).
     weight : Tensor, shape (out, in)
         The layer's weight in the ``(out, in)`` convention, float32.
     stats : LayerStatistics
@@ -79,7 +81,7 @@ def prune(weight, stats, recipe):
     --------
     >>> import torch
     >>> from transposable.prune import PruneRecipe
-    >>> keep, new, bias = prune(torch.tensor([[1.0, 4.0, 2.0, 3.0]]), None, PruneRecipe("2:4", score="magnitude",
+    >>> keep, new, bias = prune(None, torch.tensor([[1.0, 4.0, 2.0, 3.0]]), None, PruneRecipe("2:4", score="magnitude",
     ...                                                                                  transposable=False))
     >>> keep.tolist(), new, bias
     ([[False, True, False, True]], None, None)

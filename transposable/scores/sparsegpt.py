@@ -8,7 +8,7 @@ combination TSENOR plugs into layer-wise pruning; Meng et al., 2025).
 """
 from ..masks import mask
 from ..patterns import parse_pattern
-from .base import Option
+from .base import Option, dampened
 
 NEEDS = frozenset({"hessian"})
 LINEAR_ONLY = True
@@ -37,7 +37,7 @@ def importance(weight, stats, options):
     --------
     >>> import torch
     >>> from transposable.scores.base import LayerStatistics
-    >>> stats = LayerStatistics(torch.nn.Linear(2, 1), NEEDS)
+    >>> stats = LayerStatistics(NEEDS)
     >>> stats.add(torch.eye(2))
     >>> saliency = importance(torch.tensor([[2.0, 1.0]], dtype=torch.float64), stats, {"dampening": 0.0})
     >>> [round(v, 9) for v in saliency[0].tolist()]  # H = I/2 (2 tokens): w**2 / 2
@@ -45,7 +45,7 @@ def importance(weight, stats, options):
     """
     import torch
 
-    h, _ = _dampened(stats.hessian / max(stats.tokens, 1), options["dampening"])
+    h, _ = dampened(stats.hessian / max(stats.tokens, 1), options["dampening"])
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return weight.pow(2) / torch.diag(inverse).to(weight)[None, :]
 
@@ -70,7 +70,7 @@ def input_priority(stats):
     --------
     >>> import torch
     >>> from transposable.scores.base import LayerStatistics
-    >>> stats = LayerStatistics(torch.nn.Linear(2, 1), NEEDS)
+    >>> stats = LayerStatistics(NEEDS)
     >>> stats.add(torch.tensor([[1.0, 3.0]]))
     >>> input_priority(stats).tolist()
     [1.0, 9.0]
@@ -80,15 +80,17 @@ def input_priority(stats):
     return torch.diag(stats.hessian)
 
 
-def prune(weight, stats, recipe):
-    """Run :func:`sparsegpt` on the layer's Hessian (taken from ``stats``: one copy fewer alive).
+def prune(layer, weight, stats, recipe):
+    """Run :func:`sparsegpt` on the layer's Hessian (its factor shared by the layers that read the same inputs).
 
     Parameters
     ----------
+    layer : nn.Module
+        The layer (its parameters are not changed here).
     weight : Tensor, shape (out, in)
         The layer's weight in the ``(out, in)`` convention, float32.
     stats : LayerStatistics
-        The layer's calibration statistics (``hessian`` and ``tokens``; the Hessian is taken).
+        The layer's calibration statistics (``hessian`` and ``tokens``).
     recipe : PruneRecipe
         The pattern, solver and options.
 
@@ -107,28 +109,17 @@ def prune(weight, stats, recipe):
     >>> from transposable.prune import PruneRecipe
     >>> from transposable.scores.base import LayerStatistics
     >>> _ = torch.manual_seed(0)
-    >>> stats = LayerStatistics(torch.nn.Linear(8, 8), NEEDS)
+    >>> stats = LayerStatistics(NEEDS)
     >>> stats.add(torch.randn(64, 8))
-    >>> keep, new, bias = prune(torch.randn(8, 8), stats, PruneRecipe("2:4"))
-    >>> int(keep.sum()), bool((new[~keep] == 0).all()), stats.hessian is None
-    (32, True, True)
+    >>> keep, new, bias = prune(None, torch.randn(8, 8), stats, PruneRecipe("2:4"))
+    >>> int(keep.sum()), bool((new[~keep] == 0).all())
+    (32, True)
     """
-    hessian, stats.hessian = stats.hessian.div_(max(stats.tokens, 1)), None
-    new, keep = sparsegpt(weight, hessian, recipe.pattern, transposable=recipe.transposable, method=recipe.method,
-                          dampening=recipe.options["dampening"])
+    dampening = recipe.options["dampening"]
+    factor = stats.derived(("sparsegpt", dampening),
+                           lambda: inverse_factor(stats.hessian / max(stats.tokens, 1), dampening))
+    new, keep = _reconstruct(weight, *factor, recipe.pattern, recipe.transposable, recipe.method)
     return keep, new, None
-
-
-def _dampened(hessian, dampening):
-    """``(H + dampening * mean(diag H) * I, dead)``, a new tensor, with every input that is
-    always zero (``dead``) given a unit diagonal: nothing to reconstruct from."""
-    import torch
-
-    h = hessian.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    h += dampening * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return h, dead
 
 
 def sparsegpt(weight, hessian, pattern, *, transposable=True, method="auto", dampening=0.01, blocksize=128):
@@ -180,17 +171,53 @@ def sparsegpt(weight, hessian, pattern, *, transposable=True, method="auto", dam
     >>> bool(error(new) < error(w * keep)), int(keep.sum())
     (True, 64)
     """
+    return _reconstruct(weight, *inverse_factor(hessian, dampening), pattern, transposable, method, blocksize)
+
+
+def inverse_factor(hessian, dampening):
+    """The upper Cholesky factor of the dampened ``H^-1`` (float32) and the dead inputs.
+
+    What SparseGPT needs of a Hessian, computed once for every layer that reads the same
+    inputs (q, k and v; gate and up).
+
+    Parameters
+    ----------
+    hessian : Tensor, shape (in, in)
+        ``X^T X / tokens``.
+    dampening : float
+        Added to the diagonal as a fraction of its mean.
+
+    Returns
+    -------
+    factor : Tensor, shape (in, in)
+        Upper triangular, float32, on ``hessian``'s device.
+    dead : Tensor of bool, shape (in,)
+        Inputs that are always zero.
+
+    Examples
+    --------
+    >>> import torch
+    >>> factor, dead = inverse_factor(torch.eye(3) * 4, 0.0)
+    >>> factor.diag().tolist(), dead.tolist()
+    ([0.5, 0.5, 0.5], [False, False, False])
+    """
+    import torch
+
+    h, dead = dampened(hessian.detach().to(torch.float64 if hessian.device.type == "cpu" else torch.float32),
+                        dampening)
+    h = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(h, upper=True).float(), dead
+
+
+def _reconstruct(weight, h_inv, dead, pattern, transposable, method, blocksize=128):
+    """SparseGPT's column walk on ``weight`` given :func:`inverse_factor`'s output."""
     import torch
 
     pattern = parse_pattern(pattern)
     m = pattern.m
     w = weight.detach().clone().float()
-    h, dead = _dampened(hessian.detach().to(torch.float64 if w.device.type == "cpu" else torch.float32), dampening)
     columns = w.shape[1]
     w[:, dead] = 0
-    h = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    h_inv = torch.linalg.cholesky(h, upper=True).to(w.dtype)
-    del h  # n x n float64: the largest thing a layer holds
     keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     step = max(m, blocksize // m * m)
     for first in range(0, columns, step):

@@ -29,7 +29,7 @@ def importance(weight, stats, options):
     --------
     >>> import torch
     >>> from transposable.scores.base import LayerStatistics
-    >>> stats = LayerStatistics(torch.nn.Linear(2, 1), NEEDS)
+    >>> stats = LayerStatistics(NEEDS)
     >>> stats.add(torch.tensor([[3.0, 0.0], [3.0, 2.0]]))
     >>> importance(torch.tensor([[1.0, -1.0]]), stats, {}).tolist()
     [[3.0, 1.4142135381698608]]
@@ -58,11 +58,13 @@ def input_priority(stats):
     return None
 
 
-def prune(weight, stats, recipe):
+def prune(layer, weight, stats, recipe):
     """Choose the mask of :func:`importance`; the kept weights stay as they are.
 
     Parameters
     ----------
+    layer : nn.Module
+        The layer (its parameters are not changed here).
     weight : Tensor, shape (out, in)
         The layer's weight in the ``(out, in)`` convention, float32.
     stats : LayerStatistics
@@ -84,9 +86,9 @@ def prune(weight, stats, recipe):
     >>> import torch
     >>> from transposable.prune import PruneRecipe
     >>> from transposable.scores.base import LayerStatistics
-    >>> stats = LayerStatistics(torch.nn.Linear(4, 1), NEEDS)
+    >>> stats = LayerStatistics(NEEDS)
     >>> stats.add(torch.tensor([[1.0, 1.0, 9.0, 9.0]]))  # the last two inputs are large
-    >>> keep, _, _ = prune(torch.tensor([[4.0, 3.0, 1.0, 2.0]]), stats, PruneRecipe("2:4", score="wanda",
+    >>> keep, _, _ = prune(None, torch.tensor([[4.0, 3.0, 1.0, 2.0]]), stats, PruneRecipe("2:4", score="wanda",
     ...                                                                            transposable=False))
     >>> keep.tolist()
     [[False, False, True, True]]
