@@ -21,6 +21,7 @@ MODULES = [
     "transposable.finetune", "transposable.nn", "transposable.layers", "transposable.permutation",
     "transposable.folders", "transposable.scores", "transposable.scores.base", "transposable.scores.sparsegpt",
     "transposable.scores.wanda", "transposable.scores.magnitude", "transposable.scores.adaprune",
+    "transposable.scores.alps",
     "transposable.solvers.permutation",
     "transposable.hf",
     "transposable.cli",

@@ -34,7 +34,7 @@ def test_a_recipe_is_resolved_once_and_frozen():
 @pytest.mark.parametrize("fields,error,match", [
     (dict(pattern="2-4"), ValueError, r"pattern must look like 'N:M'"),
     (dict(transposable="yes"), TypeError, r"transposable must be True or False"),
-    (dict(score="obs"), ValueError, r"unknown score 'obs'; choose from \['sparsegpt', 'wanda', 'magnitude', 'adaprune'\]"),
+    (dict(score="obs"), ValueError, r"unknown score 'obs'; choose from \['sparsegpt', 'wanda', 'magnitude', 'adaprune', 'alps'\]"),
     (dict(method="simplex"), ValueError, r"unknown method 'simplex'"),
     (dict(pattern="4:8", method="exhaustive"), ValueError, r"the exhaustive method enumerates tiles up to m=5, got m=8"),
     (dict(layers="model.layers.0.mlp.up_proj"), TypeError, r"layers must be a list of layer names or glob patterns"),

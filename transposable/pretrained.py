@@ -42,7 +42,7 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         ``"2:4"``, ``"16:32"``, ...
     transposable : bool, default True
         Transposable masks.
-    score : {"sparsegpt", "wanda", "magnitude", "adaprune"}
+    score : {"sparsegpt", "wanda", "magnitude", "adaprune", "alps"}
         As in :func:`transposable.prune.prune`.
     method : str, default "auto"
         The transposable solver.
@@ -77,7 +77,7 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     log_block : callable, optional
         Called with one line per finished block.
     options : mapping, optional
-        The score's own options (``dampening``, ...; see
+        The score's own options (``dampening``, ALPS's ``rho``, ...; see
         :class:`transposable.prune.PruneRecipe`).
 
     Returns

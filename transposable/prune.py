@@ -22,6 +22,8 @@ declaring the statistics it needs; the block walker here knows none by name:
 - ``"magnitude"``: ``|W|``.
 - ``"adaprune"``: magnitude masks, then the kept weights and bias fitted with Adam so the
   layer's outputs match the dense layer's on the same inputs (Hubara et al., 2021).
+- ``"alps"``: layer-wise reconstruction by ADMM (Meng et al., 2024), each iteration's
+  projection the exact (transposable) mask, then conjugate gradients on the final support.
 """
 import fnmatch
 import functools
@@ -70,7 +72,7 @@ def check_score(score):
     >>> check_score("obs")
     Traceback (most recent call last):
     ...
-    ValueError: unknown score 'obs'; choose from ['sparsegpt', 'wanda', 'magnitude', 'adaprune']
+    ValueError: unknown score 'obs'; choose from ['sparsegpt', 'wanda', 'magnitude', 'adaprune', 'alps']
     """
     if not isinstance(score, str) or score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose from {list(SCORES)}")
@@ -254,7 +256,7 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
         ``"2:4"``, ``"16:32"``, ...: N kept of every M along each layer's input features.
     transposable : bool, default True
         Transposable masks (M x M tiles over ``(out, in)``) instead of row-wise groups.
-    score : {"sparsegpt", "wanda", "magnitude", "adaprune"}
+    score : {"sparsegpt", "wanda", "magnitude", "adaprune", "alps"}
         How weights are ranked and what is reconstructed (see the module notes; any name
         of :data:`transposable.scores.SCORES`).
     method : str, default "auto"
@@ -298,7 +300,8 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
         before a block's work and ``block_loader.unload(prefix, block, entries)`` once the
         block has produced the next block's inputs (``entries``: its :class:`LayerReport` s).
     options : mapping, optional
-        The score's options by name (its ``OPTIONS``), over ``dampening``, ``steps`` and ``lr``.
+        The score's options by name (its ``OPTIONS``: ALPS's ``rho``, ``iterations`` and
+        ``pcg_steps``, ...), over ``dampening``, ``steps`` and ``lr``.
 
     Returns
     -------

@@ -31,7 +31,7 @@ registry and know no score by name:
 
 Adding a score is one module with these names and one line in ``SCORES``.
 """
-from . import adaprune, magnitude, sparsegpt, wanda
+from . import adaprune, alps, magnitude, sparsegpt, wanda
 
 #: Every score, by the name ``score=`` and ``--score`` take, in the order the docs list them.
 SCORES = {
@@ -39,6 +39,7 @@ SCORES = {
     "wanda": wanda,
     "magnitude": magnitude,
     "adaprune": adaprune,
+    "alps": alps,
 }
 
-__all__ = ["SCORES", "adaprune", "magnitude", "sparsegpt", "wanda"]
+__all__ = ["SCORES", "adaprune", "alps", "magnitude", "sparsegpt", "wanda"]
