@@ -9,7 +9,8 @@ command reports it, and perplexity on text from another domain (the Python docum
 topics shipped with CPython, ``pydoc_data.topics``), measured here on the same windows for
 every folder. Rows: dense, dense fine-tuned (the control: what the text alone does), and per
 pattern fine-tuning with and without distillation from the dense model, with fixed masks,
-and for transposable 2:4 also with SR-STE refreshes.
+and for transposable 2:4 also with SR-STE refreshes, started from the dense weights under the
+pruned masks (``--score`` chooses how the models are pruned, ``--recoveries`` which rows run).
 
 With ``--overhead``: instead, the cost of the masks in a fine-tuning step. The dense model
 (``--allow-dense``) and the transposable 2:4 one (fixed masks, no teacher) fine-tune for the
@@ -18,6 +19,7 @@ median step time and the peak, and their ratios sparse / dense.
 
 Setup: as ``examples/smollm2_folder.py`` says, plus ``pip install --no-deps gensim`` (the text).
 Run: python benchmarks/bench_finetune.py [--steps 20] [--workdir DIR] [--json FILE] [--overhead]
+     python benchmarks/bench_finetune.py --score alps --patterns 2:4 T2:4 --recoveries distilled srste --lr 3e-4
 """
 import argparse
 import functools
@@ -38,6 +40,13 @@ from bench_prune import package_folder, prepare  # noqa: E402  (the model folder
 
 SEQLEN, BATCH = 256, 4
 PATTERNS = [("2:4", False), ("2:4", True), ("4:8", True), ("8:16", True)]
+
+#: Recoveries by name: (label, extra options, with the dense model as teacher). SR-STE with a
+#: teacher starts from the dense weights under the pruned masks, so that refreshes can regrow.
+RECOVERIES = {"plain": ("plain, fixed masks", [], False),
+              "distilled": ("distilled, fixed masks", [], True),
+              "srste": ("distilled, SR-STE from dense (refresh every 5 steps)", ["--masks", "srste",
+                                                                                 "--refresh-every", 5], True)}
 
 
 def command(*argv):
@@ -108,6 +117,11 @@ def main():
     parser.add_argument("--workdir", help="keep folders here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--overhead", action="store_true", help="measure step time and peak memory instead")
+    parser.add_argument("--score", default="sparsegpt", help="how the models are pruned (default sparsegpt)")
+    parser.add_argument("--patterns", nargs="+", help="e.g. 2:4 T2:4 (T: transposable; default 2:4 T2:4 T4:8 T8:16)")
+    parser.add_argument("--recoveries", nargs="+", choices=sorted(RECOVERIES),
+                        help="default: plain and distilled at 2:4, distilled elsewhere, SR-STE at transposable 2:4")
+    parser.add_argument("--no-control", action="store_true", help="skip the dense model's fine-tuning")
     args = parser.parse_args()
     package_folder("gensim")
     with tempfile.TemporaryDirectory() as scratch:
@@ -143,28 +157,33 @@ def main():
             result = {"model": label, "recovery": recovery, "before": report["perplexity_before"],
                       "after": report["perplexity_after"], "other_before": perplexity(folder, other,
                                                                                       args.other_windows),
-                      "other_after": perplexity(out, other, args.other_windows), "seconds": seconds}
+                      "other_after": perplexity(out, other, args.other_windows), "seconds": seconds,
+                      "sad_per_refresh": report.get("sad_per_refresh")}
             rows.append(result)
             print(f"| {label} | {recovery} | {result['before']:.2f} | {result['after']:.2f} | "
                   f"{result['other_before']:.2f} | {result['other_after']:.2f} | {seconds:.0f} |", flush=True)
 
-        row("dense", "fine-tuned (control)", dense, work / "dense-ft", ["--allow-dense"])
-        for pattern, transposable in PATTERNS:
-            name = f"{'T' if transposable else ''}{pattern.replace(':', 'of')}"
+        if not args.no_control:
+            row("dense", "fine-tuned (control)", dense, work / "dense-ft", ["--allow-dense"])
+        patterns = PATTERNS if args.patterns is None else [(p.lstrip("T"), p.startswith("T")) for p in args.patterns]
+        for pattern, transposable in patterns:
+            name = f"{args.score}-{'T' if transposable else ''}{pattern.replace(':', 'of')}"
             pruned = work / name
             if not pruned.exists():
                 command("prune", dense, "--pattern", pattern, *(["--transposable"] if transposable else []),
-                        "--score", "sparsegpt", "--calibration", calibration, "--samples", 32, "--seqlen", 512,
+                        "--score", args.score, "--calibration", calibration, "--samples", 32, "--seqlen", 512,
                         "-o", pruned)
-            label = f"{pattern} {'transposable' if transposable else 'row-wise'}"
-            recoveries = [("distilled, fixed masks", ["--teacher", dense])]
-            if pattern == "2:4":
-                recoveries.insert(0, ("plain, fixed masks", []))
-            if (pattern, transposable) == ("2:4", True):
-                recoveries.append(("distilled, SR-STE (refresh every 5 steps)",
-                                   ["--teacher", dense, "--masks", "srste", "--refresh-every", 5]))
-            for recovery, extra in recoveries:
-                row(label, recovery, pruned, work / f"{name}-{len(rows)}", extra)
+            label = f"{pattern} {'transposable' if transposable else 'row-wise'} ({args.score})"
+            chosen = args.recoveries or ["distilled"] + (["plain"] if pattern == "2:4" else []) + (
+                ["srste"] if (pattern, transposable) == ("2:4", True) else [])
+            for key in sorted(chosen, key=list(RECOVERIES).index):
+                recovery, extra, distilled = RECOVERIES[key]
+                row(label, recovery, pruned, work / f"{name}-{len(rows)}",
+                    [*(["--teacher", dense] if distilled else []), *extra])
+        for result in rows:
+            if result["sad_per_refresh"]:
+                flips = ", ".join(f"step {r['step']}: {r['flips']}" for r in result["sad_per_refresh"])
+                print(f"SAD per refresh, {result['model']}: {flips}")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -115,6 +115,26 @@ def test_distillation_and_srste_refreshes(folders, tmp_path):
             assert tp.is_transposable_nm(weight, "2:4"), name
 
 
+def test_srste_with_a_teacher_starts_from_dense_weights_and_regrows(folders, tmp_path):
+    """Pruned entries take the teacher's values under the pruned masks: the model computes
+    what the pruned one does at step 0, and refreshes move weights in and out."""
+    fixed = finetune(folders / "pruned", tmp_path / "fixed", folders / "text.txt", teacher=folders / "dense",
+                     recipe=recipe(lr=1e-2))
+    report = finetune(folders / "pruned", tmp_path / "regrown", folders / "text.txt", teacher=folders / "dense",
+                      recipe=recipe(masks="srste", refresh_every=2, lr=1e-2))
+    assert report["perplexity_before"] == pytest.approx(fixed["perplexity_before"], rel=1e-6)
+    assert report["pruned_weights_from"] == "teacher" and fixed["pruned_weights_from"] is None
+    assert [r["step"] for r in report["sad_per_refresh"]] == [2, 4, 6]
+    assert sum(r["flips"] for r in report["sad_per_refresh"]) > 0  # weights moved in and out of the masks
+    pruned, regrown = weights(folders / "pruned"), weights(tmp_path / "regrown")
+    changed = 0
+    for name, weight in regrown.items():
+        if name.endswith("proj.weight"):
+            assert tp.is_transposable_nm(weight, "2:4"), name
+            changed += int(((weight != 0) != (pruned[name] != 0)).sum())
+    assert changed > 0  # the written masks are not the pruned ones
+
+
 @pytest.mark.parametrize("case,match", [
     ("dense", r"no linear layer of '.*dense' is N:M: prune it first"),
     ("teacher", r"teacher '.*wide' has hidden_size=128 but the model has 64; distill from the dense model"),

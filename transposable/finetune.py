@@ -47,7 +47,10 @@ class Recipe:
         Fraction of the steps with a linear warm-up; cosine decay to zero after it.
     masks : {"fixed", "srste"}
         Keep the pruned masks, or train with SR-STE and refresh them every
-        ``refresh_every`` steps.
+        ``refresh_every`` steps. With a teacher, SR-STE starts from dense weights under the
+        pruned masks (pruned entries take the teacher's values, kept ones the pruned
+        model's), so that refreshes can move weights in and out; the report gives the
+        flips of every refresh (SAD).
     refresh_every : int
         Steps between refreshes with ``masks="srste"``.
     distill_weight, hidden_weight : float
@@ -272,7 +275,11 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
         dense = None
         if teacher is not None:
             dense = load_model(transformers, Path(teacher)).to(dtype).eval().requires_grad_(False)
+        regrow = recipe.masks == "srste" and dense is not None and bool(layers)
+        if regrow:
+            _dense_under_masks(model, dense)
         report = _train(model, dense, train_windows, eval_windows, recipe, saves, resume, progress, log)
+        report["pruned_weights_from"] = "teacher" if regrow else "zeros" if recipe.masks == "srste" else None
         if layers:
             export(model)
         report.update(model=str(model_dir), data=str(data_file), teacher=None if teacher is None else str(teacher),
@@ -284,6 +291,21 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
         (folder / FINETUNE_REPORT).write_text(json.dumps(report, indent=2))
     shutil.rmtree(saves, ignore_errors=True)  # the run is complete: its checkpoints are spent
     return report
+
+
+def _dense_under_masks(model, teacher):
+    """Give every sparse layer's pruned entries the teacher's dense values, kept entries as
+    they are (the pruned model's reconstruction): the model computes what the pruned one
+    does, and SR-STE can regrow what pruning removed (stored as zeros it would start from
+    nothing, and no refresh could prefer it)."""
+    import torch
+
+    from .nn import sparse_layers
+
+    with torch.no_grad():
+        for name, layer in sparse_layers(model):
+            dense = teacher.get_submodule(name).weight
+            layer.weight.copy_(torch.where(layer.mask, layer.weight, dense.to(layer.weight.dtype)))
 
 
 def _windows(tokenizer, text, recipe):
@@ -386,7 +408,10 @@ def _train(model, teacher, train_windows, eval_windows, recipe, saves, resume, p
             "step_seconds": sorted(step_times)[len(step_times) // 2] if step_times else None,
             "perplexity_before": history["eval"][0]["perplexity"], "perplexity_after": history["eval"][-1]["perplexity"],
             "history": history,
-            "sad": None if refresher is None else [r["total"]["fraction"] for r in refresher.history]}
+            "sad": None if refresher is None else [r["total"]["fraction"] for r in refresher.history],
+            "sad_per_refresh": None if refresher is None else [
+                {"step": r["step"], "flips": r["total"]["flips"], "fraction": r["total"]["fraction"]}
+                for r in refresher.history]}
 
 
 def _loss(model, teacher, batch, recipe):
