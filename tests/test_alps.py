@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import transposable as tp
-from checks import assert_valid_mask, brute_force_best
+from checks import assert_valid_mask, brute_force_best, networkx_best
 from transposable.prune import PruneRecipe, prune
 from transposable.scores import SCORES
 from transposable.scores.alps import _conjugate_gradient, _project, alps, eigenbasis
@@ -76,6 +76,25 @@ def test_the_projection_is_the_exact_mask_of_the_squares(pattern, transposable, 
     else:
         best = np.sort(squares.reshape(-1, m), axis=1)[:, -n:].sum()
         assert kept.sum() == pytest.approx(best)
+
+
+@pytest.mark.parametrize("pattern", ["4:8", "8:16"])
+def test_the_projection_solves_only_the_tiles_the_rowwise_mask_does_not(pattern, rng):
+    n, m = (int(v) for v in pattern.split(":"))
+    z = torch.from_numpy(rng.integers(-6, 7, (2 * m, 3 * m)).astype(np.float32))  # integers: ties, zeros
+    z[:m, :n] = 9  # every row wants the same columns: the row-wise mask is not transposable
+    band = (torch.arange(m)[None, :] - torch.arange(m)[:, None]) % m < n
+    z[m:, m:2 * m] = band * 9.0  # a band: the row-wise mask is already transposable
+    rowwise = tp.mask(z, pattern, transposable=False, scores=z * z)
+    columns = rowwise.reshape(2, m, 3, m).sum(dim=1)
+    assert (columns <= n).all(dim=-1).any() and (columns > n).any(dim=-1).any()  # both kinds of tile
+    keep = _project(z, tp.parse_pattern(pattern), True, "auto")
+    assert_valid_mask(keep, n, m, transposable=True)
+    squares = (z * z).double().numpy()
+    for a in range(0, 2 * m, m):
+        for b in range(0, 3 * m, m):
+            assert np.where(keep.numpy(), squares, 0)[a:a + m, b:b + m].sum() == pytest.approx(
+                networkx_best(squares[a:a + m, b:b + m], n))
 
 
 def test_alps_is_reproducible():

@@ -217,8 +217,25 @@ def _admm(weight, h, values, vectors, pattern, transposable, method, rho, iterat
 
 
 def _project(z, pattern, transposable, method):
-    """The support of the nearest N:M matrix to ``z``: the mask keeping most of ``z**2``."""
-    return mask(z, pattern, transposable=transposable, method=method, scores=z * z)
+    """The support of the nearest N:M matrix to ``z``: the mask keeping most of ``z**2``.
+
+    Transposable: a tile whose row-wise best mask keeps at most N per column takes it (no
+    transposable mask keeps more than the row-wise best, so that one is exact); only the other
+    tiles go to the solver. Late in ADMM most tiles are such (70-80 % at 8:16), and the
+    projection is most of an iteration's time at 4:8 and 8:16.
+    """
+    scores = z * z
+    rowwise = mask(z, pattern, transposable=False, scores=scores)
+    if not transposable:
+        return rowwise
+    m = pattern.m
+    (out, inp), grid = z.shape, (z.shape[0] // m, m, z.shape[1] // m, m)
+    tiles = rowwise.reshape(grid).transpose(1, 2)  # (out / m, in / m, m, m), a view of rowwise
+    unsolved = (tiles.sum(dim=2) > pattern.n).any(dim=2)
+    if unsolved.any():
+        stacked = scores.reshape(grid).transpose(1, 2)[unsolved].reshape(-1, m)  # the tiles, one under another
+        tiles[unsolved] = mask(stacked, pattern, transposable=True, method=method).reshape(-1, m, m)
+    return rowwise
 
 
 def _conjugate_gradient(w, target, h, keep, steps):
