@@ -6,7 +6,7 @@ float32 and saves it once as a Hugging Face folder. The text is real English shi
 articles in gensim's wheel (``gensim/test/test_data/lee_background.cor``); the first 200
 articles calibrate, the last 100 evaluate, so evaluation text is never calibration text.
 
-For every score (magnitude, Wanda, SparseGPT) and pattern (row-wise 2:4; transposable 2:4,
+For every score (magnitude, Wanda, SparseGPT; ``--scores`` adds ALPS) and pattern (row-wise 2:4; transposable 2:4,
 4:8, 8:16, 16:32), ``transposable prune`` runs in a fresh process (the real command, its peak
 memory read from its own VmHWM), then the pruned folder's perplexity on the evaluation text
 is measured beside the dense model's, in the same run.
@@ -169,17 +169,23 @@ def main():
                                    "--score", score, "--calibration", calibration, "--samples", args.samples,
                                    "--seqlen", args.seqlen, "-o", out, "--force")
                     ppl, _ = perplexity(out, evaluation.read_text(), args.seqlen)
+                    exact = meets_pattern(out)
                     shutil.rmtree(out)
                     peak, baseline = measured["PEAK_RSS_BYTES"], baselines[pattern, transposable]
                     row = {"score": score, "pattern": pattern, "transposable": transposable, "permute": permute,
                            "perplexity": ppl, "increase": ppl - dense, "seconds": measured["SECONDS"],
-                           "peak_rss": peak, "baseline": baseline, "above_baseline": peak - baseline}
+                           "peak_rss": peak, "baseline": baseline, "above_baseline": peak - baseline,
+                           "exact_pattern": exact}
                     rows.append(row)
                     label = f"{pattern} {'transposable' if transposable else 'row-wise'}"
                     print(f"| {score:<9} | {label:<18} | {'yes' if permute else 'no':<7} | {ppl:10.3f} | "
                           f"{ppl - dense:8.3f} | {row['seconds']:7.1f} | {peak / 2**30:6.2f} GiB | "
                           f"{(peak - baseline) / 2**30:10.2f} GiB | {(peak - baseline) / size:7.2f} |", flush=True)
         print()
+        exact = sum(row["exact_pattern"] for row in rows)
+        print(f"every pruned layer of every output meets its pattern exactly: {exact} of {len(rows)} outputs")
+        print()
+        reconstruction_targets(rows)
         if args.permute:
             permutation_targets(rows)
             rows = [row for row in rows if not row["permute"]]
@@ -238,6 +244,44 @@ def memory(args, patterns, folder, calibration, workdir, size, baselines):
         print(f"| {label}: time within 1.2x of in-memory | {ratio:.2f}x | {'yes' if ratio <= 1.2 else 'no'} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model_bytes": size, "seqlen": args.seqlen, "rows": rows}, indent=2))
+
+
+def meets_pattern(folder):
+    """Whether every layer that ``folder``'s report calls pruned meets the report's pattern."""
+    from safetensors.torch import load_file
+
+    from transposable import is_nm_sparse, is_transposable_nm
+
+    report = json.loads((folder / "pruning_report.json").read_text())
+    check = is_transposable_nm if report["transposable"] else is_nm_sparse
+    weights = {name: t for file in folder.glob("*.safetensors") for name, t in load_file(file).items()}
+    pruned = [layer["name"] for layer in report["layers"] if layer["status"] == "pruned"]
+    return bool(pruned) and all(check(weights[f"{name}.weight"] != 0, report["pattern"]) for name in pruned)
+
+
+def reconstruction_targets(rows):
+    """Issue 29's targets: transposable 2:4 against row-wise SparseGPT 2:4, ALPS's time."""
+    by = {(r["score"], r["pattern"], r["transposable"], r["permute"]): r for r in rows}
+    reference = by.get(("sparsegpt", "2:4", False, False))
+    transposable = [r for r in rows if (r["pattern"], r["transposable"]) == ("2:4", True)]
+    if not (reference and transposable):
+        return
+    print("| target | measured | met |")
+    print("|---|---|---|")
+    best = min(transposable, key=lambda r: r["perplexity"])
+    ratio = best["perplexity"] / reference["perplexity"]
+    print(f"| one-shot transposable 2:4 <= 1.5x row-wise SparseGPT 2:4 | best {best['perplexity']:.2f} ({best['score']}"
+          f"{', --permute' if best['permute'] else ''}) vs {reference['perplexity']:.2f} (x{ratio:.2f}) | "
+          f"{'yes' if ratio <= 1.5 else 'no'} |")
+    for row in rows:
+        sparsegpt = by.get(("sparsegpt", row["pattern"], row["transposable"], row["permute"]))
+        if row["score"] == "alps" and sparsegpt:
+            label = f"{row['pattern']}{' transposable' if row['transposable'] else ' row-wise'}" \
+                    f"{', --permute' if row['permute'] else ''}"
+            times = row["seconds"] / sparsegpt["seconds"]
+            print(f"| ALPS prune time <= 3x SparseGPT's, {label} | {row['seconds']:.0f} s vs {sparsegpt['seconds']:.0f} s "
+                  f"(x{times:.2f}) | {'yes' if times <= 3 else 'no'} |")
+    print()
 
 
 def permutation_targets(rows):
