@@ -229,7 +229,7 @@ def _project(z, pattern, transposable, method):
     if not transposable:
         return rowwise
     m = pattern.m
-    (out, inp), grid = z.shape, (z.shape[0] // m, m, z.shape[1] // m, m)
+    grid = (z.shape[0] // m, m, z.shape[1] // m, m)
     tiles = rowwise.reshape(grid).transpose(1, 2)  # (out / m, in / m, m, m), a view of rowwise
     unsolved = (tiles.sum(dim=2) > pattern.n).any(dim=2)
     if unsolved.any():
