@@ -10,7 +10,8 @@ topics shipped with CPython, ``pydoc_data.topics``), measured here on the same w
 every folder. Rows: dense, dense fine-tuned (the control: what the text alone does), and per
 pattern fine-tuning with and without distillation from the dense model, with fixed masks,
 and for transposable 2:4 also with SR-STE refreshes, started from the dense weights under the
-pruned masks (``--score`` chooses how the models are pruned, ``--recoveries`` which rows run).
+pruned masks (``--score`` chooses how the models are pruned, ``--recoveries`` which rows run;
+``hidden`` adds the hidden-state loss to the distillation).
 
 With ``--overhead``: instead, the cost of the masks in a fine-tuning step. The dense model
 (``--allow-dense``) and the transposable 2:4 one (fixed masks, no teacher) fine-tune for the
@@ -45,6 +46,7 @@ PATTERNS = [("2:4", False), ("2:4", True), ("4:8", True), ("8:16", True)]
 #: teacher starts from the dense weights under the pruned masks, so that refreshes can regrow.
 RECOVERIES = {"plain": ("plain, fixed masks", [], False),
               "distilled": ("distilled, fixed masks", [], True),
+              "hidden": ("distilled with hidden states (weight 1), fixed masks", ["--hidden-weight", 1], True),
               "srste": ("distilled, SR-STE from dense (refresh every 5 steps)", ["--masks", "srste",
                                                                                  "--refresh-every", 5], True)}
 

@@ -264,24 +264,26 @@ def reconstruction_targets(rows):
     by = {(r["score"], r["pattern"], r["transposable"], r["permute"]): r for r in rows}
     reference = by.get(("sparsegpt", "2:4", False, False))
     transposable = [r for r in rows if (r["pattern"], r["transposable"]) == ("2:4", True)]
-    if not (reference and transposable):
-        return
-    print("| target | measured | met |")
-    print("|---|---|---|")
-    best = min(transposable, key=lambda r: r["perplexity"])
-    ratio = best["perplexity"] / reference["perplexity"]
-    print(f"| one-shot transposable 2:4 <= 1.5x row-wise SparseGPT 2:4 | best {best['perplexity']:.2f} ({best['score']}"
-          f"{', --permute' if best['permute'] else ''}) vs {reference['perplexity']:.2f} (x{ratio:.2f}) | "
-          f"{'yes' if ratio <= 1.5 else 'no'} |")
+    lines = []
+    if reference and transposable:
+        best = min(transposable, key=lambda r: r["perplexity"])
+        ratio = best["perplexity"] / reference["perplexity"]
+        lines.append(f"| one-shot transposable 2:4 <= 1.5x row-wise SparseGPT 2:4 | best {best['perplexity']:.2f} "
+                     f"({best['score']}{', --permute' if best['permute'] else ''}) vs {reference['perplexity']:.2f} "
+                     f"(x{ratio:.2f}) | {'yes' if ratio <= 1.5 else 'no'} |")
     for row in rows:
         sparsegpt = by.get(("sparsegpt", row["pattern"], row["transposable"], row["permute"]))
         if row["score"] == "alps" and sparsegpt:
             label = f"{row['pattern']}{' transposable' if row['transposable'] else ' row-wise'}" \
                     f"{', --permute' if row['permute'] else ''}"
             times = row["seconds"] / sparsegpt["seconds"]
-            print(f"| ALPS prune time <= 3x SparseGPT's, {label} | {row['seconds']:.0f} s vs {sparsegpt['seconds']:.0f} s "
-                  f"(x{times:.2f}) | {'yes' if times <= 3 else 'no'} |")
-    print()
+            lines.append(f"| ALPS prune time <= 3x SparseGPT's, {label} | {row['seconds']:.0f} s vs "
+                         f"{sparsegpt['seconds']:.0f} s (x{times:.2f}) | {'yes' if times <= 3 else 'no'} |")
+    if lines:
+        print("| target | measured | met |")
+        print("|---|---|---|")
+        print("\n".join(lines))
+        print()
 
 
 def permutation_targets(rows):

@@ -97,6 +97,19 @@ def test_the_projection_solves_only_the_tiles_the_rowwise_mask_does_not(pattern,
                 networkx_best(squares[a:a + m, b:b + m], n))
 
 
+@pytest.mark.parametrize("pattern", ["4:8", "8:16"])
+def test_the_compiled_projection_equals_the_general_one(pattern, rng, monkeypatch):
+    # "auto" is cycle canceling here: the compiled pass; "mincostflow" takes the general path.
+    z = torch.from_numpy(rng.standard_normal((4 * 16, 6 * 16)).astype(np.float32))  # no ties: one optimum
+    z[:16, :16] += 3 * (torch.arange(16) % 2)  # tiles whose row-wise masks are not transposable
+    calls, solve = [], tp.solvers.cyclecanceling.solve
+    monkeypatch.setattr(tp.solvers.cyclecanceling, "solve", lambda *a, **k: calls.append(k) or solve(*a, **k))
+    fast = _project(z, tp.parse_pattern(pattern), True, "auto")
+    assert calls == [{"rowwise_first": True}]
+    assert torch.equal(fast, _project(z, tp.parse_pattern(pattern), True, "mincostflow"))
+    assert torch.equal(fast, tp.mask(z, pattern, transposable=True, scores=z * z))
+
+
 def test_alps_is_reproducible():
     w, h = layer_problem(7)
     first, second = alps(w, h, "4:8"), alps(w, h, "4:8")

@@ -228,6 +228,26 @@ def test_cyclecanceling_matches_mincostflow_on_thousands_of_tiles(n, m, count, k
     assert (ours <= best + tolerance).all()
 
 
+@pytest.mark.parametrize("kind", KINDS + ("banded",))
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (4, 8), (3, 8), (8, 16)])
+def test_cyclecanceling_rowwise_first_is_exact_and_takes_the_rowwise_mask_where_transposable(n, m, kind, rng):
+    if kind == "banded":  # half the tiles large on a cyclic band: their row-wise masks are transposable
+        band = (np.arange(m)[None, :] - np.arange(m)[:, None]) % m < n
+        tiles = np.rint(rng.standard_normal((60, m, m)) * 10 + 1000 * band * (np.arange(60) % 2)[:, None, None])
+    else:
+        tiles = random_tiles(rng, 60, m, kind)
+    masks = solvers.cyclecanceling.solve(tiles, n, rowwise_first=True)
+    assert_valid_tiles(masks, n)
+    rowwise = solvers.rowwise.solve(tiles.reshape(-1, m), n).reshape(tiles.shape)
+    transposable = rowwise.sum(axis=1).max(axis=1) <= n  # every column of the tile keeps at most n
+    if kind == "banded":
+        assert transposable.any() and not transposable.all()
+    assert (masks[transposable] == rowwise[transposable]).all()
+    assert (masks[~transposable] == solvers.cyclecanceling.solve(tiles[~transposable], n)).all()
+    for tile, mask in zip(tiles[:12], masks[:12]):
+        assert kept(tile, mask) == networkx_best(tile, n)
+
+
 @pytest.mark.parametrize("name", sorted(solvers.TRANSPOSABLE))
 def test_a_tile_grid_gives_the_same_masks_as_its_tiles(name, rng):
     n, m = (2, 4) if name == "exhaustive" else (4, 8)

@@ -15,7 +15,8 @@ N:M) pattern, by splitting ``W = D``:
 
 then a few preconditioned conjugate-gradient steps minimise the error on the final support.
 """
-from ..masks import mask
+from .. import solvers
+from ..masks import mask, resolve_method
 from .base import Option, dampened
 from .sparsegpt import importance  # noqa: F401  (the permutations rank by the same saliency)
 
@@ -222,14 +223,22 @@ def _project(z, pattern, transposable, method):
     Transposable: a tile whose row-wise best mask keeps at most N per column takes it (no
     transposable mask keeps more than the row-wise best, so that one is exact); only the other
     tiles go to the solver. Late in ADMM most tiles are such (70-80 % at 8:16), and the
-    projection is most of an iteration's time at 4:8 and 8:16.
+    projection is most of an iteration's time at 4:8 and 8:16. With cycle canceling on the CPU
+    (``"auto"`` for M > 5) all of it is one compiled pass; other solvers (and ``"auto"``'s
+    exhaustive one at 2:4, whose choice among tied optima the compiled pass would not repeat)
+    get the tiles the row-wise mask leaves.
     """
+    import torch
+
     scores = z * z
+    m = pattern.m
+    grid = (z.shape[0] // m, m, z.shape[1] // m, m)
+    if transposable and z.device.type == "cpu" and resolve_method(method, pattern) == "cyclecanceling":
+        return torch.from_numpy(solvers.cyclecanceling.solve(scores.reshape(grid).numpy(), pattern.n,
+                                                             rowwise_first=True)).reshape(z.shape)
     rowwise = mask(z, pattern, transposable=False, scores=scores)
     if not transposable:
         return rowwise
-    m = pattern.m
-    grid = (z.shape[0] // m, m, z.shape[1] // m, m)
     tiles = rowwise.reshape(grid).transpose(1, 2)  # (out / m, in / m, m, m), a view of rowwise
     unsolved = (tiles.sum(dim=2) > pattern.n).any(dim=2)
     if unsolved.any():

@@ -71,22 +71,24 @@ def shaped_like(result, tiles):
     return (grid.permute(0, 2, 1, 3) if is_torch(grid) else grid.transpose(0, 2, 1, 3)).reshape(tiles.shape)
 
 
-def greedy_then_improve(tiles, n, rounds, exact):
+def greedy_then_improve(tiles, n, rounds, exact, rowwise_first=False):
     """Greedy, completion, then ``rounds`` of 2-opt or, if ``exact``, cycle canceling: with
-    numba on NumPy tiles, with torch on a tensor's own device; same shape out."""
+    numba on NumPy tiles, with torch on a tensor's own device; same shape out. With
+    ``rowwise_first`` (exact, NumPy), a tile whose row-wise best mask is transposable takes it."""
     if is_torch(tiles):
         from . import _torch_tiles
 
         return shaped_like(_torch_tiles.solve(as_tiles(tiles), n, rounds, exact), tiles)
     from ._jit import announce_compile, in_parallel
-    from ._tile_kernels import exact_grid, greedy_grid
+    from ._tile_kernels import exact_grid, greedy_grid, rowwise_first_grid
 
     grid = contiguous_grid(tiles)
     mask = np.empty(grid.shape, dtype=bool)
     float64_order = grid.dtype == np.float64
     if exact:
         with announce_compile("cycle canceling"):
-            in_parallel(exact_grid, grid.shape[0], grid, n, float64_order, mask)
+            in_parallel(rowwise_first_grid if rowwise_first else exact_grid, grid.shape[0], grid, n, float64_order,
+                        mask)
     else:
         with announce_compile("greedy"):
             in_parallel(greedy_grid, grid.shape[0], grid, n, rounds, float64_order, mask)

@@ -511,6 +511,35 @@ def exact_grid(grid, n, float64_order, out, start, stop):
             store_tile(exact_tile(w, n, float64_order, scratch), out, a, b)
 
 
+@jit(nogil=True)
+def rowwise_first_grid(grid, n, float64_order, out, start, stop):
+    """Per tile of rows ``start`` to ``stop``: its row-wise best mask (the ``n`` largest of
+    every row, ties to the lowest index) if that keeps at most ``n`` in every column, else
+    :func:`exact_tile`. Both are optimal: no transposable mask keeps more than the row-wise
+    best, so a row-wise best that is transposable is the answer, certified without a search."""
+    m = grid.shape[1]
+    w = np.empty((m, m))
+    scratch = tile_scratch(m)
+    rowwise = np.empty((m, m), np.bool_)
+    column_count = np.empty(m, np.int64)
+    for a in range(start, stop):
+        for b in range(grid.shape[2]):
+            load_tile(grid, a, b, w)
+            column_count[:] = 0
+            for i in range(m):
+                for q in range(m):
+                    value = w[i, q]
+                    above = 0
+                    for p in range(m):
+                        above += (w[i, p] > value) | ((w[i, p] == value) & (p < q))
+                    rowwise[i, q] = above < n
+                    column_count[q] += above < n
+            if column_count.max() <= n:
+                store_tile(rowwise, out, a, b)
+            else:
+                store_tile(exact_tile(w, n, float64_order, scratch), out, a, b)
+
+
 @jit(inline="always")
 def half_sums(row_sums, choices, first, total):
     """``total[b]`` = the sum over rows ``first + i`` of ``row_sums[first + i, choices[i], b]``
