@@ -46,7 +46,8 @@ PATTERNS = [("2:4", False), ("2:4", True), ("4:8", True), ("8:16", True)]
 #: teacher starts from the dense weights under the pruned masks, so that refreshes can regrow.
 RECOVERIES = {"plain": ("plain, fixed masks", [], False),
               "distilled": ("distilled, fixed masks", [], True),
-              "hidden": ("distilled with hidden states (weight 1), fixed masks", ["--hidden-weight", 1], True),
+              # weight 30: the hidden-state loss is a mean over SmolLM2's 30 layers; SquareHead sums them
+              "hidden": ("distilled with hidden states (weight 30), fixed masks", ["--hidden-weight", 30], True),
               "srste": ("distilled, SR-STE from dense (refresh every 5 steps)", ["--masks", "srste",
                                                                                  "--refresh-every", 5], True)}
 
