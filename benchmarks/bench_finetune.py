@@ -21,6 +21,7 @@ median step time and the peak, and their ratios sparse / dense.
 Setup: as ``examples/smollm2_folder.py`` says, plus ``pip install --no-deps gensim`` (the text).
 Run: python benchmarks/bench_finetune.py [--steps 20] [--workdir DIR] [--json FILE] [--overhead]
      python benchmarks/bench_finetune.py --score alps --patterns 2:4 T2:4 --recoveries distilled srste --lr 3e-4
+     python benchmarks/bench_finetune.py --score alps --patterns 2:4 T2:4 --recoveries distilled --steps 80 --autocast
 """
 import argparse
 import functools
@@ -125,6 +126,7 @@ def main():
     parser.add_argument("--recoveries", nargs="+", choices=sorted(RECOVERIES),
                         help="default: plain and distilled at 2:4, distilled elsewhere, SR-STE at transposable 2:4")
     parser.add_argument("--no-control", action="store_true", help="skip the dense model's fine-tuning")
+    parser.add_argument("--autocast", action="store_true", help="fine-tune in mixed precision (bfloat16 GEMMs)")
     args = parser.parse_args()
     package_folder("gensim")
     with tempfile.TemporaryDirectory() as scratch:
@@ -136,7 +138,8 @@ def main():
         other = other_domain_text(args.other_windows * SEQLEN)
         tokens = args.steps * BATCH * SEQLEN
         common = ["--data", data, "--tokens", tokens, "--seqlen", SEQLEN, "--batch-size", BATCH, "--lr", args.lr,
-                  "--eval-every", 0, "--save-every", 0, "--eval-fraction", 0.15]
+                  "--eval-every", 0, "--save-every", 0, "--eval-fraction", 0.15, *["--autocast"] * args.autocast]
+        run_name = f"{args.steps}steps-lr{args.lr:g}{'-autocast' * args.autocast}"
         if args.overhead:
             pruned = work / "T2of4"
             if not pruned.exists():
@@ -148,7 +151,8 @@ def main():
             return
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
               f"{torch.__version__}; SmolLM2-135M; fine-tuning on {tokens} tokens ({args.steps} steps of {BATCH} x "
-              f"{SEQLEN}), AdamW lr {args.lr} with 5 % warm-up and cosine decay", flush=True)
+              f"{SEQLEN}), AdamW lr {args.lr} with 5 % warm-up and cosine decay"
+              f"{', bfloat16 autocast' if args.autocast else ''}", flush=True)
         print("| model | recovery | held-out news ppl: one-shot | after | other-domain ppl: one-shot | after | "
               "seconds |")
         print("|---|---|---|---|---|---|---|", flush=True)
@@ -167,7 +171,8 @@ def main():
                   f"{result['other_before']:.2f} | {result['other_after']:.2f} | {seconds:.0f} |", flush=True)
 
         if not args.no_control:
-            row("dense", "fine-tuned (control)", dense, work / "dense-ft", ["--allow-dense"])
+            row("dense", "fine-tuned (control)", dense, work / f"dense-{run_name}",
+                ["--allow-dense", "--force"])
         patterns = PATTERNS if args.patterns is None else [(p.lstrip("T"), p.startswith("T")) for p in args.patterns]
         for pattern, transposable in patterns:
             name = f"{args.score}-{'T' if transposable else ''}{pattern.replace(':', 'of')}"
@@ -181,8 +186,9 @@ def main():
                 ["srste"] if (pattern, transposable) == ("2:4", True) else [])
             for key in sorted(chosen, key=list(RECOVERIES).index):
                 recovery, extra, distilled = RECOVERIES[key]
-                row(label, recovery, pruned, work / f"{name}-{len(rows)}",
-                    [*(["--teacher", dense] if distilled else []), *extra])
+                # named by everything that makes the run, and replaced: a rerun in the same workdir repeats it
+                row(label, recovery, pruned, work / f"{name}-{key}-{run_name}",
+                    [*(["--teacher", dense] if distilled else []), *extra, "--force"])
         for result in rows:
             if result["sad_per_refresh"]:
                 flips = ", ".join(f"step {r['step']}: {r['flips']}" for r in result["sad_per_refresh"])

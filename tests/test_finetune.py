@@ -160,6 +160,21 @@ def test_errors_before_any_training(folders, tmp_path, case, match):
                                                                  if p.suffix == ".txt")
 
 
+@pytest.mark.parametrize("option,value,match", [
+    ("seqlen", 0, "seqlen must be a positive integer, got 0"),
+    ("eval_every", -1, "eval_every must be a non-negative integer, got -1"),
+    ("lr", float("nan"), "lr must be a non-negative number, got nan"),
+    ("warmup", 1.0, r"warmup must be a fraction in \[0, 1\), got 1.0"),
+    ("eval_fraction", 0.0, r"eval_fraction must be in \(0, 1\), got 0.0"),
+    ("masks", "dense", "masks must be 'fixed' or 'srste', got 'dense'"),
+    ("dtype", "float16", "dtype must be 'float32' or 'bfloat16', got 'float16'"),
+    ("autocast", "yes", "autocast must be True or False, got 'yes'"),
+])
+def test_every_bad_option_is_named_with_its_value(option, value, match):
+    with pytest.raises(ValueError, match=match):
+        recipe(**{option: value}).check()
+
+
 def test_the_command_prints_one_summary_and_errors_in_one_line(folders, tmp_path):
     def run(*argv):
         return subprocess.run([sys.executable, "-m", "transposable", "finetune", *map(str, argv)],
@@ -187,6 +202,31 @@ def test_bfloat16_training_keeps_the_masks(folders, tmp_path):
     report = finetune(folders / "pruned", tmp_path / "bf16", folders / "text.txt", recipe=recipe(dtype="bfloat16"))
     assert report["recipe"]["dtype"] == "bfloat16" and math.isfinite(report["perplexity_after"])
     for name, weight in weights(tmp_path / "bf16").items():
+        if name.endswith("proj.weight"):
+            assert tp.is_transposable_nm(weight, "2:4"), name
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_autocast_runs_student_and_teacher_in_bfloat16_and_keeps_float32_weights(folders, tmp_path, autocast):
+    seen = set()  # (trained, grad enabled, output dtype) of every linear layer's forward
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Linear):
+            seen.add((module.weight.requires_grad, torch.is_grad_enabled(), output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        report = finetune(folders / "pruned", tmp_path / "out", folders / "text.txt", teacher=folders / "dense",
+                          recipe=recipe(autocast=autocast))
+    finally:
+        handle.remove()
+    half = {(trained, grad) for trained, grad, dtype in seen if dtype == torch.bfloat16}
+    # training steps: the student with gradients, the teacher without; evaluations stay float32
+    assert half == ({(True, True), (False, False)} if autocast else set())
+    assert (True, False, torch.float32) in seen and math.isfinite(report["perplexity_after"])
+    assert report["perplexity_after"] < report["perplexity_before"]
+    for name, weight in weights(tmp_path / "out").items():
+        assert weight.dtype == torch.float32
         if name.endswith("proj.weight"):
             assert tp.is_transposable_nm(weight, "2:4"), name
 

@@ -248,6 +248,8 @@ def _build_parser():
                           help="keep the pruned masks (default) or train with SR-STE and refresh them")
     finetune.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                           help="training precision of the weights (default float32)")
+    finetune.add_argument("--autocast", action="store_true",
+                          help="mixed precision: forward and backward in bfloat16, weights and optimizer in --dtype")
     finetune.add_argument("--resume", action="store_true", help="go on from the last checkpoint")
     finetune.add_argument("--allow-dense", action="store_true",
                           help="fine-tune a model with no N:M layer too (an experiment's dense control)")

@@ -63,6 +63,11 @@ class Recipe:
         Steps between held-out evaluations, and between checkpoints (0: only at the end).
     dtype : {"float32", "bfloat16"}
         The weights' training precision.
+    autocast : bool
+        Run the forward and backward passes (student and teacher) in bfloat16 under
+        ``torch.autocast``, the weights and the optimizer staying in ``dtype``: mixed
+        precision. About 1.7x faster steps on a CPU with AMX (benchmarks/README); held-out
+        perplexity is measured without it.
     seed : int
         Seeds the order of the windows.
 
@@ -86,6 +91,7 @@ class Recipe:
     eval_every: int = 50
     save_every: int = 50
     dtype: str = "float32"
+    autocast: bool = False
     seed: int = 0
 
     @property
@@ -112,6 +118,8 @@ class Recipe:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if self.masks not in ("fixed", "srste"):
             raise ValueError(f"masks must be 'fixed' or 'srste', got {self.masks!r}")
+        if not isinstance(self.autocast, bool):
+            raise ValueError(f"autocast must be True or False, got {self.autocast!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.steps < 1:
@@ -420,12 +428,15 @@ def _loss(model, teacher, batch, recipe):
     import torch
     import torch.nn.functional as F
 
-    out = model(input_ids=batch, labels=batch, output_hidden_states=recipe.hidden_weight > 0)
+    device = batch.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.autocast):
+        out = model(input_ids=batch, labels=batch, output_hidden_states=recipe.hidden_weight > 0)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(input_ids=batch, output_hidden_states=recipe.hidden_weight > 0)
     loss = out.loss
     if teacher is None:
         return loss
-    with torch.no_grad():
-        target = teacher(input_ids=batch, output_hidden_states=recipe.hidden_weight > 0)
     vocab = out.logits.shape[-1]
     loss = loss + recipe.distill_weight * F.kl_div(
         F.log_softmax(out.logits.float().reshape(-1, vocab), dim=-1),
