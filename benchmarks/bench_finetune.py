@@ -9,9 +9,12 @@ command reports it, and perplexity on text from another domain (the Python docum
 topics shipped with CPython, ``pydoc_data.topics``), measured here on the same windows for
 every folder. Rows: dense, dense fine-tuned (the control: what the text alone does), and per
 pattern fine-tuning with and without distillation from the dense model, with fixed masks,
-and for transposable 2:4 also with SR-STE refreshes, started from the dense weights under the
-pruned masks (``--score`` chooses how the models are pruned, ``--recoveries`` which rows run;
-``hidden`` adds the hidden-state loss to the distillation).
+for transposable 2:4 also with SR-STE refreshes, started from the dense weights under the
+pruned masks, and for row-wise 2:4 also with a backward mask (``--backward-mask``: the input
+gradients through a column-wise 2:4 mask, so that both GEMMs could run on sparse tensor cores
+without transposable masks). ``--score`` chooses how the models are pruned, ``--recoveries``
+which rows run (``bimask`` only where the pattern is row-wise); ``hidden`` adds the
+hidden-state loss to the distillation.
 
 With ``--overhead``: instead, the cost of the masks in a fine-tuning step. The dense model
 (``--allow-dense``) and the transposable 2:4 one (fixed masks, no teacher) fine-tune for the
@@ -22,6 +25,7 @@ Setup: as ``examples/smollm2_folder.py`` says, plus ``pip install --no-deps gens
 Run: python benchmarks/bench_finetune.py [--steps 20] [--workdir DIR] [--json FILE] [--overhead]
      python benchmarks/bench_finetune.py --score alps --patterns 2:4 T2:4 --recoveries distilled srste --lr 3e-4
      python benchmarks/bench_finetune.py --score alps --patterns 2:4 T2:4 --recoveries distilled --steps 80 --autocast
+     python benchmarks/bench_finetune.py --score alps --patterns 2:4 T2:4 --recoveries distilled bimask --autocast
 """
 import argparse
 import functools
@@ -50,7 +54,9 @@ RECOVERIES = {"plain": ("plain, fixed masks", [], False),
               # weight 30: the hidden-state loss is a mean over SmolLM2's 30 layers; SquareHead sums them
               "hidden": ("distilled with hidden states (weight 30), fixed masks", ["--hidden-weight", 30], True),
               "srste": ("distilled, SR-STE from dense (refresh every 5 steps)", ["--masks", "srste",
-                                                                                 "--refresh-every", 5], True)}
+                                                                                 "--refresh-every", 5], True),
+              # row-wise patterns only: both GEMMs sparse without transposable masks
+              "bimask": ("distilled, fixed masks, backward mask (Bi-Mask)", ["--backward-mask"], True)}
 
 
 def command(*argv):
@@ -182,9 +188,9 @@ def main():
                         "--score", args.score, "--calibration", calibration, "--samples", 32, "--seqlen", 512,
                         "-o", pruned)
             label = f"{pattern} {'transposable' if transposable else 'row-wise'} ({args.score})"
-            chosen = args.recoveries or ["distilled"] + (["plain"] if pattern == "2:4" else []) + (
+            chosen = args.recoveries or ["distilled"] + (["plain", "bimask"] if pattern == "2:4" else []) + (
                 ["srste"] if (pattern, transposable) == ("2:4", True) else [])
-            for key in sorted(chosen, key=list(RECOVERIES).index):
+            for key in sorted(set(chosen) - ({"bimask"} if transposable else set()), key=list(RECOVERIES).index):
                 recovery, extra, distilled = RECOVERIES[key]
                 # named by everything that makes the run, and replaced: a rerun in the same workdir repeats it
                 row(label, recovery, pruned, work / f"{name}-{key}-{run_name}",

@@ -3,10 +3,12 @@
 The model is built from plain PyTorch pieces (embedding, pre-norm blocks of attention and
 a 4x MLP, tied-free output head) and sparsified with the library's own
 ``sparsify(model, "2:4", transposable=True)``: every linear layer of the blocks is sparse,
-the embedding and the output head stay dense. Both models train with AdamW on random
-tokens in the same run; a ``MaskRefresher`` re-solves the sparse model's masks every 40
-steps with the greedy, on the model's device, and its time is counted in the sparse
-model's steps and reported separately as the refresh overhead per step.
+the embedding and the output head stay dense. A third model is row-wise 2:4 with a backward
+mask (``transposable=False, backward_mask=True``: both GEMMs sparse as well, the input
+gradient's mask chosen every step). The models train with AdamW on random tokens in the same
+run; a ``MaskRefresher`` re-solves the sparse models' masks every 40 steps (transposable:
+with the greedy), on the model's device, and its time is counted in the sparse model's
+steps and reported separately as the refresh overhead per step.
 
 On a GPU (the default there): bf16, hidden 2048, 8 layers, sequence 2048. Elsewhere it runs
 the same code small and in float32 so that it can be checked on any machine; the numbers
@@ -118,33 +120,42 @@ def main(argv=None):
         torch.manual_seed(0)
         return Decoder(args.vocab, args.hidden, args.layers, args.heads).to(device, dtype)
 
-    dense_times, _ = train(build(), tokens, args.steps, args.warmup)
-    sparse = sparsify(build(), "2:4", transposable=True, exclude=("embed", "head"), refresh_every=REFRESH_EVERY)
-    kernels = sum(layer._sparse_kernels() is not None for layer in sparse.modules() if hasattr(layer, "_kernels"))
-    refresher = MaskRefresher(sparse)
-    sparse_times, refresh_seconds = train(sparse, tokens, args.steps, args.warmup, refresher)
-    # Refreshes fall on every 40th step: the median of the step times leaves them out, so the
-    # sparse time per step is the median plus the refresh time spread over all timed steps.
-    dense_step = statistics.median(dense_times)
-    sparse_step = statistics.median(sparse_times) + refresh_seconds / args.steps
+    def sparse_step(**options):
+        """Seconds per step of a sparse model, the layers on sparse kernels, the refreshes."""
+        sparse = sparsify(build(), "2:4", exclude=("embed", "head"), refresh_every=REFRESH_EVERY, **options)
+        kernels = sum(layer._sparse_kernels() is not None for layer in sparse.modules() if hasattr(layer, "_kernels"))
+        refresher = MaskRefresher(sparse)
+        times, refresh_seconds = train(sparse, tokens, args.steps, args.warmup, refresher)
+        # Refreshes fall on every 40th step: the median of the step times leaves them out, so the
+        # sparse time per step is the median plus the refresh time spread over all timed steps.
+        return statistics.median(times) + refresh_seconds / args.steps, kernels, refresher, refresh_seconds
+
+    dense_step = statistics.median(train(build(), tokens, args.steps, args.warmup)[0])
+    step, kernels, refresher, refresh_seconds = sparse_step(transposable=True)
+    bimask_step, bimask_kernels, _, _ = sparse_step(transposable=False, backward_mask=True)
     tokens_per_step = args.batch * args.seq
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
         "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "batch": args.batch, "steps": args.steps,
         "sparse_layers": len(refresher.layers), "layers_on_sparse_kernels": kernels,
-        "dense_tokens_per_s": tokens_per_step / dense_step, "sparse_tokens_per_s": tokens_per_step / sparse_step,
-        "speedup": dense_step / sparse_step, "refresh_seconds": refresh_seconds,
-        "refreshes": len(refresher.history), "refresh_overhead": refresh_seconds / args.steps / sparse_step,
+        "dense_tokens_per_s": tokens_per_step / dense_step, "sparse_tokens_per_s": tokens_per_step / step,
+        "speedup": dense_step / step, "refresh_seconds": refresh_seconds,
+        "refreshes": len(refresher.history), "refresh_overhead": refresh_seconds / args.steps / step,
+        "backward_mask_layers_on_sparse_kernels": bimask_kernels,
+        "backward_mask_tokens_per_s": tokens_per_step / bimask_step, "backward_mask_speedup": dense_step / bimask_step,
     }
     print(f"device: {result['device']}, {result['dtype']}, hidden {args.hidden}, {args.layers} layers, "
           f"sequence {args.seq}, batch {args.batch}; {args.steps} timed steps after {args.warmup}")
-    print(f"sparse layers: {result['sparse_layers']} (on sparse tensor cores: {kernels})")
+    print(f"sparse layers: {result['sparse_layers']} (on sparse tensor cores: {kernels} transposable, "
+          f"{bimask_kernels} row-wise with a backward mask)")
     print("| model | tokens/s | × dense |")
     print("|---|---|---|")
     print(f"| dense | {result['dense_tokens_per_s']:.0f} | 1.00 |")
     print(f"| 2:4 transposable, refreshed every {REFRESH_EVERY} steps | {result['sparse_tokens_per_s']:.0f} | "
           f"{result['speedup']:.2f} |")
-    print(f"refresh: {result['refreshes']} refreshes, {refresh_seconds:.3f} s in all, "
+    print(f"| 2:4 row-wise with a backward mask, refreshed every {REFRESH_EVERY} steps | "
+          f"{result['backward_mask_tokens_per_s']:.0f} | {result['backward_mask_speedup']:.2f} |")
+    print(f"refresh (transposable): {result['refreshes']} refreshes, {refresh_seconds:.3f} s in all, "
           f"{100 * result['refresh_overhead']:.2f} % of a sparse step")
     if not cuda:
         print("(no CUDA device: a small float32 run on the CPU, to check the code; the numbers mean nothing)")

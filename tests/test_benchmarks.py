@@ -68,6 +68,7 @@ def test_training_step_benchmark_runs_on_the_cpu_and_refreshes():
     assert result["layers_on_sparse_kernels"] == 0  # no CUDA
     assert result["refreshes"] == 1  # step 40 of 41
     assert result["dense_tokens_per_s"] > 0 and result["sparse_tokens_per_s"] > 0
+    assert result["backward_mask_tokens_per_s"] > 0 and result["backward_mask_layers_on_sparse_kernels"] == 0
 
 
 def test_large_prune_benchmark_writes_a_streamable_model_and_measures_it(tmp_path):

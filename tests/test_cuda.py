@@ -133,6 +133,24 @@ def test_training_steps_recompress_the_changed_weights(param_dtype, autocast):
     assert len(keys) == 3  # recompressed after every step
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_row_wise_layers_with_a_backward_mask_run_both_gemms_on_the_sparse_kernels(dtype):
+    torch.manual_seed(0)
+    layer = sparsify(nn.Linear(256, 512).cuda().to(dtype), "2:4", transposable=False, backward_mask=True,
+                     gradient="ste")
+    x = torch.randn(4, 32, 256, device="cuda", dtype=dtype, requires_grad=True)
+    out = layer(x)
+    assert layer._kernels is not None and layer._dense_reason is None and out.is_contiguous()
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    masked = (layer.weight * layer.mask).detach()
+    backward = masked * tp.nm_mask(masked.t().float().cpu(), "2:4").t().cuda()  # the best 2:4 along the outputs
+    x2, g2 = x.detach().reshape(-1, 256), grad.reshape(-1, 512)
+    assert_within_rounding(out.reshape(-1, 512), x2, masked, layer.bias)
+    assert_within_rounding(x.grad.reshape(-1, 256), g2, backward)
+    assert_within_rounding(layer.weight.grad, g2.t(), x2)
+
+
 @pytest.mark.parametrize("make,reason", [
     (lambda: sparsify(nn.Linear(256, 128).cuda(), "2:4"), "dtype float32"),
     (lambda: sparsify(nn.Linear(256, 128).cuda().half(), "4:8"), "pattern 4:8"),

@@ -169,6 +169,7 @@ def test_errors_before_any_training(folders, tmp_path, case, match):
     ("masks", "dense", "masks must be 'fixed' or 'srste', got 'dense'"),
     ("dtype", "float16", "dtype must be 'float32' or 'bfloat16', got 'float16'"),
     ("autocast", "yes", "autocast must be True or False, got 'yes'"),
+    ("backward_mask", 1, "backward_mask must be True or False, got 1"),
 ])
 def test_every_bad_option_is_named_with_its_value(option, value, match):
     with pytest.raises(ValueError, match=match):
@@ -229,6 +230,37 @@ def test_autocast_runs_student_and_teacher_in_bfloat16_and_keeps_float32_weights
         assert weight.dtype == torch.float32
         if name.endswith("proj.weight"):
             assert tp.is_transposable_nm(weight, "2:4"), name
+
+
+def test_a_backward_mask_trains_row_wise_layers_with_their_column_wise_input_gradients(folders, tmp_path):
+    from transposable.pretrained import prune_pretrained
+
+    rowwise = tmp_path / "rowwise"
+    prune_pretrained(folders / "dense", rowwise, folders / "text.txt", "2:4", transposable=False, score="magnitude",
+                     samples=4, seqlen=32)
+    seen = set()  # backward_mask of every sparse layer that ran a training forward
+
+    def record(module, inputs, output):
+        if isinstance(module, tp.nn.SparseLinear) and torch.is_grad_enabled():
+            seen.add(module.backward_mask)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        report = finetune(rowwise, tmp_path / "bimask", folders / "text.txt", recipe=recipe(backward_mask=True))
+    finally:
+        handle.remove()
+    assert seen == {True} and report["recipe"]["backward_mask"] is True
+    assert report["perplexity_after"] < report["perplexity_before"]
+    finetune(rowwise, tmp_path / "exact", folders / "text.txt", recipe=recipe())
+    pruned, bimask, exact = weights(rowwise), weights(tmp_path / "bimask"), weights(tmp_path / "exact")
+    trained = [name for name in pruned if name.endswith("proj.weight")]
+    for name in trained:
+        assert tp.is_nm_sparse(bimask[name], "2:4") and not bool(((bimask[name] != 0) & (pruned[name] == 0)).any())
+    # the same run but for the input gradients: the earlier layers learn something else
+    assert any(not torch.equal(bimask[name], exact[name]) for name in trained)
+    with pytest.raises(ValueError, match="backward_mask is for row-wise N:M layers, and .* is transposable N:M"):
+        finetune(folders / "pruned", tmp_path / "refused", folders / "text.txt", recipe=recipe(backward_mask=True))
+    assert not (tmp_path / "refused").exists()
 
 
 def test_gpt2_conv1d_layers_are_fine_tuned_along_their_input_features(folders, tmp_path):

@@ -1,5 +1,6 @@
 """Sparse training: layers against a dense W*S reference, STE and SR-STE gradients, mask
 refresh, SAD, checkpoints, export, torch.compile, DDP, the demo, and CUDA sparse GEMMs."""
+import itertools
 import logging
 import os
 import subprocess
@@ -52,6 +53,68 @@ def test_outputs_and_gradients_equal_a_dense_masked_reference(dtype, gradient, t
     torch.testing.assert_close(layer.weight.grad, ref_w_grad + decay)  # straight through, all entries
     torch.testing.assert_close(layer.bias.grad, ref_b_grad)
     assert_valid_mask(layer.mask, 2, 4, transposable=transposable)
+
+
+def column_wise_best(weight, n, m):
+    """Brute force: for every column and group of ``m`` output rows, the ``n`` rows keeping
+    the most ``|w|`` (the first such set in lexicographic order: ties to the lowest rows)."""
+    out, inp = weight.shape
+    best = torch.zeros(out, inp, dtype=torch.bool)
+    for j in range(inp):
+        for start in range(0, out, m):
+            column = weight[start:start + m, j].abs().tolist()
+            rows = max(itertools.combinations(range(m), n), key=lambda kept: sum(column[r] for r in kept))
+            best[[start + r for r in rows], j] = True
+    return best
+
+
+@pytest.mark.parametrize("values", ["random", "ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_a_backward_mask_gives_the_input_gradient_of_the_best_column_wise_weight(kind, pattern, dtype, values):
+    torch.manual_seed(0)
+    n, m = map(int, pattern.split(":"))
+    if kind == "linear":
+        layer = nn.Linear(16, 24).to(dtype)
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(24, 16).to(dtype)  # weight stored (in, out)
+    if values == "ties":  # small integers: many equal magnitudes, and exact sums
+        with torch.no_grad():
+            layer.weight.copy_(torch.randint(-2, 3, layer.weight.shape))
+    sparsify(layer, pattern, transposable=False, backward_mask=True, srste_decay=0.25)
+    assert layer.backward_mask and (kind != "linear" or "backward_mask=True" in repr(layer))
+    weight, keep = (layer.weight, layer.mask) if kind == "linear" else (layer.weight.t(), layer.mask.t())
+    masked = (weight * keep).detach()
+    x = torch.randint(-3, 4, (2, 5, 16)).to(dtype).requires_grad_(True)
+    out = layer(x)
+    grad_out = torch.randint(-3, 4, out.shape).to(dtype)
+    out.backward(grad_out)
+    torch.testing.assert_close(out, F.linear(x, masked, layer.bias))  # the forward pass keeps its row-wise mask
+    backward = masked * column_wise_best(masked, n, m)
+    torch.testing.assert_close(x.grad, grad_out @ backward, rtol=0, atol=0)
+    assert tp.is_nm_sparse(backward.t(), n, m)  # (W*S*B)^T is N:M: what the sparse GEMM compresses
+    assert not torch.equal(backward, masked)  # the two gradients differ: the test tells them apart
+    grad = layer.weight.grad if kind == "linear" else layer.weight.grad.t()
+    expected = grad_out.reshape(-1, 24).t() @ x.detach().reshape(-1, 16) + 0.25 * weight.detach() * ~keep
+    torch.testing.assert_close(grad, expected)  # the weight gradient is unchanged
+
+
+def test_backward_mask_errors_and_layers_it_cannot_tile(caplog):
+    with pytest.raises(ValueError, match="backward_mask=True is for row-wise masks"):
+        sparsify(nn.Linear(8, 8), "2:4", backward_mask=True)
+    with pytest.raises(TypeError, match="backward_mask must be True or False, got 'yes'"):
+        sparsify(nn.Linear(8, 8), "2:4", transposable=False, backward_mask="yes")
+    with pytest.raises(ValueError, match=r"applies to linear layers .* '1' is a Conv2d: exclude it \(exclude=\['1'\]\)"):
+        sparsify(nn.Sequential(nn.Linear(8, 8), nn.Conv2d(4, 8, 3)), "2:4", transposable=False, backward_mask=True)
+    # the output features are grouped too: 6 of them do not tile at 2:4
+    with caplog.at_level(logging.WARNING, logger="transposable"):
+        model = sparsify(nn.Sequential(nn.Linear(8, 6), nn.Linear(8, 8)), "2:4", transposable=False,
+                         backward_mask=True)
+    assert [name for name, _ in sparse_layers(model)] == ["1"] and "0: weight (6, 8) does not tile" in caplog.text
+    assert len(sparse_layers(sparsify(nn.Sequential(nn.Linear(8, 6)), "2:4", transposable=False))) == 1
 
 
 def test_srste_on_a_hand_worked_example():
@@ -318,6 +381,21 @@ def test_torch_compile_is_one_graph_and_matches_eager_also_after_refreshes():
         optimizer.step()  # new weights, refreshed masks (the buffers change in place)
         optimizer.zero_grad()
     assert len(refresher.history) == 3 and refresher.history[-1]["total"]["flips"] > 0
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_traces_the_backward_mask_and_matches_eager(backend):
+    torch.manual_seed(0)
+    model = sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)), "2:4", transposable=False,
+                     backward_mask=True)
+    x = torch.randn(4, 16, requires_grad=True)
+    explained = torch._dynamo.explain(model)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    model(x).pow(2).sum().backward()
+    eager = x.grad.clone()
+    x.grad = None
+    torch.compile(model, backend=backend)(x).pow(2).sum().backward()  # backward traced in torch operations
+    torch.testing.assert_close(x.grad, eager)
 
 
 def test_dense_fallback_is_one_info_line_per_reason_not_per_layer(caplog, monkeypatch):

@@ -203,10 +203,13 @@ def test_rowwise_keeps_the_n_largest_of_each_group(n, m, kind, rng):
     assert np.array_equal(np.where(mask, np.abs(groups), 0).sum(1), best)
     from_torch = solvers.rowwise.solve(torch.tensor(groups), n)
     assert (from_torch.numpy() == mask).all()
+    in_torch = solvers.rowwise.solve_in_torch(torch.tensor(groups), n)  # the accelerators' and compiled code's
+    assert (in_torch.numpy() == mask).all()
 
 
-def test_rowwise_ties_go_to_the_lowest_index():
-    assert solvers.rowwise.solve(np.array([[2., 2, 2, 2], [1, -3, 3, 0]]), 2).tolist() == [
+@pytest.mark.parametrize("solve", [solvers.rowwise.solve, solvers.rowwise.solve_in_torch])
+def test_rowwise_ties_go_to_the_lowest_index(solve):
+    assert solve(torch.tensor([[2., 2, 2, 2], [1, -3, 3, 0]]), 2).tolist() == [
         [True, True, False, False], [False, True, True, False]]
 
 

@@ -250,6 +250,9 @@ def _build_parser():
                           help="training precision of the weights (default float32)")
     finetune.add_argument("--autocast", action="store_true",
                           help="mixed precision: forward and backward in bfloat16, weights and optimizer in --dtype")
+    finetune.add_argument("--backward-mask", action="store_true",
+                          help="row-wise pruned models: a second, column-wise N:M mask for the input gradients "
+                               "(Bi-Mask), so that both GEMMs can run on sparse tensor cores")
     finetune.add_argument("--resume", action="store_true", help="go on from the last checkpoint")
     finetune.add_argument("--allow-dense", action="store_true",
                           help="fine-tune a model with no N:M layer too (an experiment's dense control)")

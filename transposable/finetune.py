@@ -53,6 +53,12 @@ class Recipe:
         flips of every refresh (SAD).
     refresh_every : int
         Steps between refreshes with ``masks="srste"``.
+    backward_mask : bool
+        Row-wise pruned models: the input gradients use a second, column-wise N:M mask of
+        every layer's weight, as :func:`transposable.sparsify`'s ``backward_mask`` (Bi-Mask),
+        so that on a GPU both GEMMs of row-wise 2:4 layers run on sparse tensor cores; the
+        model keeps its row-wise masks. On SmolLM2-135M it recovers as row-wise 2:4 does
+        with exact gradients, where transposable 2:4 stays 1.3-1.4x worse (benchmarks/README).
     distill_weight, hidden_weight : float
         With a teacher: weight of the KL divergence of the logits and of the hidden-state
         loss (mean squared error over every layer's output, relative to the teacher's
@@ -85,6 +91,7 @@ class Recipe:
     warmup: float = 0.05
     masks: str = "fixed"
     refresh_every: int = 40
+    backward_mask: bool = False
     distill_weight: float = 1.0
     hidden_weight: float = 0.0
     eval_fraction: float = 0.1
@@ -118,8 +125,9 @@ class Recipe:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if self.masks not in ("fixed", "srste"):
             raise ValueError(f"masks must be 'fixed' or 'srste', got {self.masks!r}")
-        if not isinstance(self.autocast, bool):
-            raise ValueError(f"autocast must be True or False, got {self.autocast!r}")
+        for name in ("autocast", "backward_mask"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.steps < 1:
@@ -271,10 +279,13 @@ def finetune(model_dir, output, data_file, *, teacher=None, recipe=None, resume=
         layers = nm_layers(model, model_dir)
         if not layers and not allow_dense:
             raise ValueError(f"no linear layer of '{model_dir}' is N:M: prune it first (transposable prune)")
+        if recipe.backward_mask and any(t for _, t in layers.values()):
+            raise ValueError(f"backward_mask is for row-wise N:M layers, and '{model_dir}' is transposable N:M (its "
+                             "masks serve the backward GEMMs already): leave backward_mask off")
         dtype = getattr(torch, recipe.dtype)
         model.to(dtype)
         sparsify_layers(model, layers, gradient="srste" if recipe.masks == "srste" else "ste",
-                        refresh_every=recipe.refresh_every)
+                        refresh_every=recipe.refresh_every, backward_mask=recipe.backward_mask)
         for name, layer in sparse_layers(model):
             kept = layer.weight.detach() != 0
             if bool((kept & ~layer.mask).any()):

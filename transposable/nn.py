@@ -25,7 +25,7 @@ from . import solvers
 
 from .layers import is_conv1d, linear_weight, prunable
 from .layout import Layout, tiling_error
-from .masks import mask, resolve_method
+from .masks import check_flag, mask, resolve_method
 from .patterns import parse_pattern
 
 log = logging.getLogger("transposable")
@@ -90,15 +90,17 @@ class _SparseLinearGEMMs(torch.autograd.Function):
     All three run in ``dtype`` (see :func:`_compute_dtype`), the gradients handed back in the
     dtypes of ``X`` and ``W``: under autocast an fp32 master weight trains exactly as
     ``nn.Linear`` does there, and backward, which runs outside the autocast region, never
-    mixes dtypes."""
+    mixes dtypes. With a ``backward_pattern`` the input gradient is ``dY (W*S*B)`` (see
+    :func:`_input_grad_weight`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, mask, bias, decay, kernels, dtype):
+    def forward(ctx, x, weight, mask, bias, decay, kernels, dtype, backward_pattern):
         x_in = x.to(dtype)
         # W*S is formed only where a dense GEMM needs it (here and in backward), not kept:
         # saving it would hold a second weight-sized tensor per layer until backward.
         ctx.save_for_backward(x_in, weight, mask)
         ctx.decay, ctx.kernels, ctx.dtype, ctx.x_dtype = decay, kernels, dtype, x.dtype
+        ctx.backward_pattern = backward_pattern
         ctx.bias_dtype = None if bias is None else bias.dtype
         bias = None if bias is None else bias.to(dtype)
         if kernels is not None:
@@ -114,7 +116,10 @@ class _SparseLinearGEMMs(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             if ctx.kernels is None:
-                grad_x = grad_out @ _masked(weight.to(ctx.dtype), mask)
+                masked = _masked(weight.to(ctx.dtype), mask)
+                if ctx.backward_pattern is not None:
+                    masked = _input_grad_weight(masked, ctx.backward_pattern)
+                grad_x = grad_out @ masked
             else:
                 grad_x = ctx.kernels.input_grad(grad_out)
             grad_x = grad_x.to(ctx.x_dtype)
@@ -124,17 +129,31 @@ class _SparseLinearGEMMs(torch.autograd.Function):
                 grad_weight.addcmul_(weight, (~mask).view(torch.uint8), value=ctx.decay)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_out.sum(dim=0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, None, grad_bias, None, None, None
+        return grad_x, grad_weight, None, grad_bias, None, None, None, None
 
 
-def _sparse_linear(x, weight, mask, bias, decay, kernels, dtype):
+def _sparse_linear(x, weight, mask, bias, decay, kernels, dtype, backward_pattern=None):
     """The sparse GEMMs on inputs of any shape ``(..., in)``. The Function sees 2-D tensors
     and the reshapes happen outside it: an output that is a view made inside a custom
     Function cannot be changed in place (``ReLU(inplace=True)``, ``x += ...``)."""
+    args = (weight, mask, bias, decay, kernels, dtype, backward_pattern)
     if x.dim() == 2:
-        return _SparseLinearGEMMs.apply(x, weight, mask, bias, decay, kernels, dtype)
-    out = _SparseLinearGEMMs.apply(x.reshape(-1, x.shape[-1]), weight, mask, bias, decay, kernels, dtype)
+        return _SparseLinearGEMMs.apply(x, *args)
+    out = _SparseLinearGEMMs.apply(x.reshape(-1, x.shape[-1]), *args)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _input_grad_weight(masked, pattern):
+    """``W*S*B``, the weight of the input gradient under a backward mask (Bi-Mask, Zhang et
+    al. 2023): ``B`` keeps the ``n`` largest ``|W*S|`` of every ``m`` along the output
+    features, so that ``(W*S*B)^T`` is N:M and ``dY (W*S*B)`` runs on sparse tensor cores
+    like the forward GEMM. It approximates ``dY (W*S)``: the kept weights that a group of
+    ``m`` outputs holds beyond ``n`` are left out of the input gradient only."""
+    out, inp = masked.shape
+    # compiled code must stay in torch operations; eager CPU code takes the compiled kernel (6x faster)
+    solve = solvers.rowwise.solve_in_torch if torch.compiler.is_compiling() else solvers.rowwise.solve
+    keep = solve(masked.t().reshape(-1, pattern.m), pattern.n)
+    return masked * keep.reshape(inp, out).t()
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -226,7 +245,7 @@ class SemiStructuredGEMMs:
     def __init__(self):
         self._key = None
 
-    def update(self, weight, mask, dtype=None):
+    def update(self, weight, mask, dtype=None, backward_pattern=None):
         """Compress ``W * mask`` (and its transpose) in ``dtype`` unless that is done already.
 
         Parameters
@@ -237,6 +256,10 @@ class SemiStructuredGEMMs:
             Its transposable 2:4 mask.
         dtype : torch.dtype, optional
             float16 or bfloat16, the dtype of the GEMMs; default the weight's.
+        backward_pattern : Pattern, optional
+            For a row-wise mask: the input gradient's weight is ``W*S*B``, ``B`` the 2:4
+            mask of ``|W*S|`` along the output features (a backward mask, see
+            :func:`sparsify`), compressed instead of ``(W*S)^T``.
 
         Returns
         -------
@@ -249,14 +272,15 @@ class SemiStructuredGEMMs:
             If no semi-structured backend runs on the weight's GPU (the message says why).
         """
         dtype = weight.dtype if dtype is None else dtype
-        key = (weight.data_ptr(), weight._version, mask._version, dtype)
+        key = (weight.data_ptr(), weight._version, mask._version, dtype, backward_pattern)
         if key != self._key:
             semi_structured, reason = _semi_structured_class(weight.device)
             if semi_structured is None:
                 raise RuntimeError(f"no sparse GEMMs on {weight.device}: {reason}")
             masked = _masked(weight.detach().to(dtype), mask)
             self._w = _compress(masked, semi_structured)
-            self._w_t = _compress(masked.t().contiguous(), semi_structured)
+            backward = masked if backward_pattern is None else _input_grad_weight(masked, backward_pattern)
+            self._w_t = _compress(backward.t().contiguous(), semi_structured)
             self._key = key
         return self
 
@@ -277,10 +301,11 @@ class SemiStructuredGEMMs:
         self.__init__()
 
 
-def semi_structured_reason(weight, pattern, transposable, training=True, dtype=None):
+def semi_structured_reason(weight, pattern, transposable, training=True, dtype=None, backward_mask=False):
     """Why a linear layer cannot use sparse tensor cores, or None if it can.
 
-    Training needs W and W^T both 2:4 (transposable); inference only W.
+    Training needs W and W^T both 2:4 (transposable, or row-wise with a backward mask);
+    inference only W.
 
     Parameters
     ----------
@@ -295,6 +320,8 @@ def semi_structured_reason(weight, pattern, transposable, training=True, dtype=N
     dtype : torch.dtype, optional
         The dtype the GEMMs run in: under autocast, autocast's (float32 weights then run
         on sparse tensor cores in float16/bfloat16); default the weight's.
+    backward_mask : bool, default False
+        Whether a row-wise layer has a backward mask (see :func:`sparsify`).
 
     Returns
     -------
@@ -314,8 +341,8 @@ def semi_structured_reason(weight, pattern, transposable, training=True, dtype=N
     if dtype not in (torch.float16, torch.bfloat16):
         return (f"dtype {str(dtype).replace('torch.', '')} (sparse kernels need float16 or bfloat16: "
                 "the weight's, or autocast's)")
-    if (pattern.n, pattern.m) != (2, 4) or (training and not transposable):
-        need = "transposable 2:4" if training else "2:4"
+    if (pattern.n, pattern.m) != (2, 4) or (training and not (transposable or backward_mask)):
+        need = "transposable 2:4, or row-wise 2:4 with backward_mask=True" if training else "2:4"
         return f"pattern {pattern}{'' if transposable else ' row-wise'} (sparse kernels need {need})"
     if torch.cuda.get_device_capability(weight.device) < (8, 0):
         return "GPU older than Ampere (compute capability 8.0)"
@@ -335,9 +362,10 @@ def semi_structured_reason(weight, pattern, transposable, training=True, dtype=N
 class _SparseLayer:
     """What every sparse layer adds to its dense base class."""
 
-    def _setup_sparse(self, pattern, transposable, method, decay, refresh_every, refresh_method):
+    def _setup_sparse(self, pattern, transposable, method, decay, refresh_every, refresh_method, backward_mask):
         self.pattern = pattern
         self.transposable = transposable
+        self.backward_mask = backward_mask
         self.srste_decay = decay
         self.refresh_every = refresh_every
         self.refresh_method = refresh_method
@@ -407,7 +435,12 @@ class _SparseLayer:
 
     def extra_repr(self):
         kind = "transposable" if self.transposable else "row-wise"
-        return f"{super().extra_repr()}, sparsity={self.pattern} {kind}, srste_decay={self.srste_decay}"
+        backward = ", backward_mask=True" if self.backward_mask else ""
+        return f"{super().extra_repr()}, sparsity={self.pattern} {kind}{backward}, srste_decay={self.srste_decay}"
+
+    def _backward_pattern(self):
+        """The pattern of the backward mask, or None (the input gradient uses ``W*S``)."""
+        return self.pattern if self.backward_mask else None
 
 
 class SparseLinear(_SparseLayer, nn.Linear):
@@ -427,12 +460,14 @@ class SparseLinear(_SparseLayer, nn.Linear):
     def forward(self, x):
         decay = self.srste_decay if self.training else 0.0
         dtype = _compute_dtype(x, self.weight)
-        return _sparse_linear(x, self.weight, self.mask, self.bias, decay, self._sparse_kernels(dtype), dtype)
+        return _sparse_linear(x, self.weight, self.mask, self.bias, decay, self._sparse_kernels(dtype), dtype,
+                              self._backward_pattern())
 
     def _sparse_kernels(self, dtype=None):
         """The layer's sparse GEMMs for ``dtype`` (default the weight's), or None where the
         dense masked GEMMs run (the reason logged once)."""
-        reason = semi_structured_reason(self.weight, self.pattern, self.transposable, dtype=dtype)
+        reason = semi_structured_reason(self.weight, self.pattern, self.transposable, dtype=dtype,
+                                        backward_mask=self.backward_mask)
         if reason is not None:
             # Logging inside a compiled region would break the graph: compiled code says nothing.
             if reason != self._dense_reason and not torch.compiler.is_compiling():
@@ -445,7 +480,7 @@ class SparseLinear(_SparseLayer, nn.Linear):
             return None
         if self._kernels is None:
             self._kernels = SemiStructuredGEMMs()
-        return self._kernels.update(self.weight, self.mask, dtype)
+        return self._kernels.update(self.weight, self.mask, dtype, self._backward_pattern())
 
     def _sparse_name(self):
         return f"SparseLinear({self.in_features}, {self.out_features})"
@@ -509,7 +544,7 @@ class _SparseConv1D(_SparseLayer):
     def forward(self, x):
         decay = self.srste_decay if self.training else 0.0
         return _sparse_linear(x, self.weight.t(), self.mask.t(), self.bias, decay, None,
-                              _compute_dtype(x, self.weight))
+                              _compute_dtype(x, self.weight), self._backward_pattern())
 
 
 #: The layer types sparsify knows; their subclasses (same forward) and ``Conv1D`` join on first sight.
@@ -559,8 +594,8 @@ def _left_dense_reason(name, module, parent, shared_with, named_by_user):
 
 
 def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay=SRSTE_DECAY, method="auto",
-             refresh_every=None, refresh_method="greedy", include=None, exclude=(), filter_fn=None,
-             skip_first=False, skip_last=False):
+             refresh_every=None, refresh_method="greedy", backward_mask=False, include=None, exclude=(),
+             filter_fn=None, skip_first=False, skip_last=False):
     """Make a model's linear and conv layers N:M sparse, in place.
 
     ``nn.Linear``, ``nn.Conv{1,2,3}d`` and GPT-2 style ``Conv1D`` layers (weight stored
@@ -589,6 +624,14 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
         transposable masks (Hubara et al.), 1 for row-wise ones (Zhou et al.).
     refresh_method : str, default "greedy"
         Solver used at refreshes (transposable masks).
+    backward_mask : bool, default False
+        Row-wise masks on linear layers only: give the input-gradient GEMM ``dY (W*S)`` a
+        second N:M mask ``B``, along the output features, chosen every step from ``|W*S|``
+        (Bi-Mask, Zhang et al. 2023), so that on a GPU both GEMMs of row-wise 2:4 layers
+        run on sparse tensor cores, as with transposable masks, while the model keeps its
+        row-wise masks (which lose less than transposable ones). The input gradient becomes
+        ``dY (W*S*B)``, an approximation; the forward pass and the weight gradient are
+        unchanged.
     include, exclude : sequence of str, optional
         Glob patterns on layer names (``model.named_modules()``).
     filter_fn : callable, optional
@@ -607,7 +650,8 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
     Raises
     ------
     ValueError
-        For a bad pattern, method or gradient, or if no layer is left to sparsify.
+        For a bad pattern, method or gradient, a backward mask on transposable masks or on
+        a convolution, or if no layer is left to sparsify.
 
     Examples
     --------
@@ -622,6 +666,10 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
     per_layer = {rule: parse_pattern(value) for rule, value in per_layer.items()}
     if gradient not in ("srste", "ste"):
         raise ValueError(f"gradient must be 'srste' or 'ste', got {gradient!r}")
+    check_flag("backward_mask", backward_mask)
+    if backward_mask and transposable:
+        raise ValueError("backward_mask=True is for row-wise masks: a transposable mask serves the backward GEMM "
+                         "already; pass transposable=False, or leave backward_mask off")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be a callable filter_fn(module, fqn) -> bool, got {filter_fn!r}")
     for value in per_layer.values():
@@ -654,7 +702,9 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
         parent = named.get(parent_name)
         reason = _left_dense_reason(name, module, parent, shared_with, named_by_user=include is not None)
         if reason is None:
-            error = tiling_error(tuple(linear_weight(module).shape), layer_pattern.m, transposable=transposable)
+            # a backward mask groups the output features too: both dimensions tile, as for transposable masks
+            error = tiling_error(tuple(linear_weight(module).shape), layer_pattern.m,
+                                 transposable=transposable or backward_mask)
             if error is not None:
                 reason = f"weight {tuple(module.weight.shape)} does not tile at {layer_pattern} ({error.reason})"
         if reason is not None:
@@ -665,6 +715,10 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
                                for weight, value in parent.named_parameters(recurse=False)
                                if weight.endswith("weight") and value is not None]
             continue
+        if backward_mask and linear_weight(module).dim() > 2:
+            raise ValueError(f"backward_mask=True applies to linear layers (their GEMMs are sparsify's own), but "
+                             f"'{name}' is a {type(module).__name__}: exclude it (exclude=[{name!r}]) or sparsify "
+                             "the convolutions in a call without backward_mask")
         chosen.append((name, module, layer_pattern))
     if left_dense:  # one summary, not a line per layer
         log.warning("sparsify: %d weight%s left dense: %s", len(left_dense), "s" * (len(left_dense) > 1),
@@ -679,7 +733,7 @@ def sparsify(model, pattern, *, transposable=True, gradient="srste", srste_decay
         decay = 0.0 if gradient == "ste" else (
             srste_decay.get(name, SRSTE_DECAY) if isinstance(srste_decay, dict) else srste_decay)
         module.__class__ = _sparse_class(module)
-        module._setup_sparse(layer_pattern, transposable, method, decay, every, refresh_method)
+        module._setup_sparse(layer_pattern, transposable, method, decay, every, refresh_method, backward_mask)
     _fused_encoders(model, enabled=False)
     return model
 

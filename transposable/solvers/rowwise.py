@@ -41,8 +41,7 @@ def solve(groups, n):
         import torch
 
         if groups.device.type != "cpu":
-            top = torch.argsort(-groups.abs(), dim=1, stable=True)[:, :n]
-            return torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(1, top, True)
+            return solve_in_torch(groups, n)
         exact_dtype = torch.float64 if groups.dtype == torch.float64 else torch.float32  # no ordering changes
         return torch.from_numpy(solve(groups.detach().to(exact_dtype).numpy(), n))
     from ._jit import announce_compile, in_parallel
@@ -53,3 +52,34 @@ def solve(groups, n):
     with announce_compile("row-wise masks"):
         in_parallel(keep_largest, groups.shape[0], groups, n, mask)
     return mask
+
+
+def solve_in_torch(groups, n):
+    """:func:`solve` in torch operations, on any device: the same masks.
+
+    Tensors on accelerators take it; so does code that ``torch.compile`` traces (the backward
+    masks of sparse training), which the compiled CPU kernel would break. Ties go to the
+    lowest index, as in :func:`solve`.
+
+    Parameters
+    ----------
+    groups : Tensor, shape (G, m)
+        Weights, one group of ``m`` per row.
+    n : int
+        Entries kept in every group, ``0 < n < m``.
+
+    Returns
+    -------
+    Tensor of bool, shape (G, m)
+        On the device of ``groups``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> solve_in_torch(torch.tensor([[1., -3, 3, 0]]), 2).int()
+    tensor([[0, 1, 1, 0]], dtype=torch.int32)
+    """
+    import torch
+
+    top = torch.argsort(-groups.abs(), dim=1, stable=True)[:, :n]
+    return torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(1, top, True)
