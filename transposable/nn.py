@@ -253,7 +253,7 @@ class SemiStructuredGEMMs:
         weight : Tensor, shape (out, in)
             The layer's weight, on a CUDA device.
         mask : Tensor of bool, shape (out, in)
-            Its transposable 2:4 mask.
+            Its 2:4 mask: transposable, or row-wise with ``backward_pattern``.
         dtype : torch.dtype, optional
             float16 or bfloat16, the dtype of the GEMMs; default the weight's.
         backward_pattern : Pattern, optional
