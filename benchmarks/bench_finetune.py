@@ -133,6 +133,7 @@ def main():
                         help="default: plain and distilled at 2:4, distilled elsewhere, SR-STE at transposable 2:4")
     parser.add_argument("--no-control", action="store_true", help="skip the dense model's fine-tuning")
     parser.add_argument("--autocast", action="store_true", help="fine-tune in mixed precision (bfloat16 GEMMs)")
+    parser.add_argument("--refit", action="store_true", help="prune with --refit (layers refitted to the dense model)")
     args = parser.parse_args()
     package_folder("gensim")
     with tempfile.TemporaryDirectory() as scratch:
@@ -181,13 +182,13 @@ def main():
                 ["--allow-dense", "--force"])
         patterns = PATTERNS if args.patterns is None else [(p.lstrip("T"), p.startswith("T")) for p in args.patterns]
         for pattern, transposable in patterns:
-            name = f"{args.score}-{'T' if transposable else ''}{pattern.replace(':', 'of')}"
+            name = f"{args.score}{'-refit' * args.refit}-{'T' if transposable else ''}{pattern.replace(':', 'of')}"
             pruned = work / name
             if not pruned.exists():
                 command("prune", dense, "--pattern", pattern, *(["--transposable"] if transposable else []),
-                        "--score", args.score, "--calibration", calibration, "--samples", 32, "--seqlen", 512,
-                        "-o", pruned)
-            label = f"{pattern} {'transposable' if transposable else 'row-wise'} ({args.score})"
+                        "--score", args.score, *["--refit"] * args.refit, "--calibration", calibration, "--samples",
+                        32, "--seqlen", 512, "-o", pruned)
+            label = f"{pattern} {'transposable' if transposable else 'row-wise'} ({args.score}{', refit' * args.refit})"
             chosen = args.recoveries or ["distilled"] + (["plain", "bimask"] if pattern == "2:4" else []) + (
                 ["srste"] if (pattern, transposable) == ("2:4", True) else [])
             for key in sorted(set(chosen) - ({"bimask"} if transposable else set()), key=list(RECOVERIES).index):

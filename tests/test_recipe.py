@@ -44,6 +44,7 @@ def test_a_recipe_is_resolved_once_and_frozen():
     (dict(score="adaprune", options={"lr": 0.0}), ValueError, r"lr must be a positive number, got 0.0"),
     (dict(permute=1), TypeError, r"permute must be True or False"),
     (dict(permute_seconds=0), ValueError, r"seconds must be a positive number, got seconds=0"),
+    (dict(refit="no"), TypeError, r"refit must be True or False, got 'no'"),
 ])
 def test_every_field_is_checked_with_its_name_and_value(fields, error, match):
     with pytest.raises(error, match=match):
@@ -75,7 +76,7 @@ def probe_score(gathered):
     def prune_layer(layer, weight, stats, recipe):
         gathered.append({"sum_squares": stats.sum_squares is not None, "hessian": stats.hessian is not None,
                          "inputs": bool(stats.inputs), "dense_outputs": stats.dense_outputs is not None,
-                         "tokens": stats.tokens})
+                         "sums": stats.sums is not None, "tokens": stats.tokens})
         return mask(weight, recipe.pattern, transposable=recipe.transposable, method=recipe.method), None, None
 
     module.prune = prune_layer
@@ -88,16 +89,16 @@ def test_a_new_score_is_one_module_and_one_registry_line(monkeypatch):
     model = tiny_llama()
     prune(model, calibration(), "2:4", score="probe")
     assert len(gathered) == 14  # every linear layer of the two blocks
-    assert all(g == {"sum_squares": True, "hessian": False, "inputs": False, "dense_outputs": False,
+    assert all(g == {"sum_squares": True, "hessian": False, "inputs": False, "dense_outputs": False, "sums": False,
                      "tokens": 3 * 4 * 32} for g in gathered)  # what it declared, and nothing else
-    assert set(STATISTICS) == {"sum_squares", "hessian", "inputs", "dense_outputs"}
+    assert set(STATISTICS) == {"sum_squares", "hessian", "inputs", "dense_outputs", "sums"}
     with pytest.raises(ValueError, match="score 'probe' is defined for linear layers; use score='magnitude' or "
                                          "'adaprune'"):
         prune(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1)), [torch.randn(1, 8, 2, 2)], "2:4", score="probe")
 
 
 def test_every_declared_statistic_reaches_the_score(monkeypatch):
-    for needs in ({"hessian"}, {"inputs", "dense_outputs"}):
+    for needs in ({"hessian"}, {"inputs", "dense_outputs"}, {"sums"}):
         gathered = []
         probe = probe_score(gathered)
         probe.NEEDS = frozenset(needs)
@@ -125,12 +126,12 @@ def test_the_command_builds_the_recipe_and_the_report_records_it(model_folder, t
     out = tmp_path / "pruned"
     result = prune_cli(model_folder / "model", "--pattern", "2:4", "--transposable", "--calibration",
                        model_folder / "calibration.txt", "--samples", "4", "--seqlen", "32", "--dampening", "0.05",
-                       "-o", out)
+                       "--refit", "-o", out)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["recipe"] == {"pattern": "2:4", "transposable": True, "score": "sparsegpt", "method": "exhaustive",
                                 "layers": None, "options": {"dampening": 0.05}, "permute": False,
-                                "permute_seconds": 1.0}
+                                "permute_seconds": 1.0, "refit": True}
     assert PruneRecipe(**report["recipe"]).options["dampening"] == 0.05
     refused = prune_cli(model_folder / "model", "--pattern", "2:4", "--score", "wanda", "--calibration",
                         model_folder / "calibration.txt", "--dampening", "0.05", "-o", tmp_path / "refused")

@@ -204,6 +204,9 @@ def _build_parser():
                             "so that the masks keep more (the model's outputs do not change)")
     prune.add_argument("--permute-seconds", type=float, default=1.0, metavar="S",
                        help="search budget per permuted dimension (default 1.0)")
+    prune.add_argument("--refit", action="store_true",
+                       help="prune the layers of a block one after another, each on the inputs the pruned ones give "
+                            "it, fitted to the dense model's outputs (errors are corrected, not passed on)")
     prune.add_argument("--device", metavar="DEVICE",
                        help="cpu, cuda or cuda:K: where blocks, activations and solvers run (default: cuda when "
                             "present, else cpu)")
@@ -418,7 +421,8 @@ def _prune(args):
 
     options = {name: getattr(args, name) for name in _score_options() if getattr(args, name) is not None}
     recipe = PruneRecipe(args.pattern, transposable=args.transposable, score=args.score, method=args.method,
-                         options=options, permute=args.permute, permute_seconds=args.permute_seconds)
+                         options=options, permute=args.permute, permute_seconds=args.permute_seconds,
+                         refit=args.refit)
     bar = sys.stderr.isatty()
     report = prune_folder(args.model, args.output, args.calibration, recipe, samples=args.samples,
                           seqlen=args.seqlen, seed=args.seed, device=args.device, stream=not args.in_memory,

@@ -24,9 +24,9 @@ from .masks import check_flag
 
 
 def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposable=True, score="sparsegpt",
-                     method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=1.0, device=None,
-                     stream=True, offload_activations=None, force=False, progress=False, log_block=None,
-                     options=None):
+                     method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=1.0, refit=False,
+                     device=None, stream=True, offload_activations=None, force=False, progress=False,
+                     log_block=None, options=None):
     """Prune a Hugging Face causal language model folder into a new folder.
 
     Parameters
@@ -57,6 +57,9 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
         holds the permuted weights, which compute what the originals did.
     permute_seconds : float, default 1.0
         Search budget per permuted dimension.
+    refit : bool, default False
+        Prune each block's layers group by group, each refitted to the dense model's
+        outputs on the inputs the pruned layers give it (:func:`transposable.prune.prune`).
     device : str, optional
         ``"cpu"`` or ``"cuda"`` / ``"cuda:k"``: where the blocks, the activations and the
         solvers run (default: ``"cuda"`` when present, else ``"cpu"``).
@@ -112,7 +115,7 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     from .prune import PruneRecipe
 
     recipe = PruneRecipe(pattern, transposable=transposable, score=score, method=method, options=options or {},
-                         permute=permute, permute_seconds=permute_seconds)
+                         permute=permute, permute_seconds=permute_seconds, refit=refit)
     return prune_folder(model_dir, output, calibration_file, recipe, samples=samples, seqlen=seqlen, seed=seed,
                         device=device, stream=stream, offload_activations=offload_activations, force=force,
                         progress=progress, log_block=log_block)

@@ -109,6 +109,10 @@ class PruneRecipe:
         Permute each block's permutable dimensions before pruning it (see :func:`prune`).
     permute_seconds : float, default 1.0
         Search time budget per permuted dimension.
+    refit : bool, default False
+        Prune each block's layers group by group, each refitted to the dense model's
+        outputs first (see :func:`prune`), damped by the score's ``dampening`` (0.01 for
+        scores without one).
 
     Raises
     ------
@@ -137,6 +141,7 @@ class PruneRecipe:
     options: Mapping = field(default_factory=dict)
     permute: bool = False
     permute_seconds: float = 1.0
+    refit: bool = False
 
     def __post_init__(self):
         pattern = parse_pattern(self.pattern)
@@ -156,6 +161,7 @@ class PruneRecipe:
         options = {name: option.check(name, self.options.get(name, option.default))
                    for name, option in declared.items()}
         check_flag("permute", self.permute)
+        check_flag("refit", self.refit)
         check_budget(self.permute_seconds, None)
         for name, value in (("pattern", pattern), ("method", method), ("layers", layers),
                             ("options", MappingProxyType(options))):
@@ -176,7 +182,8 @@ class PruneRecipe:
         """
         return {"pattern": str(self.pattern), "transposable": self.transposable, "score": self.score,
                 "method": self.method, "layers": None if self.layers is None else list(self.layers),
-                "options": dict(self.options), "permute": self.permute, "permute_seconds": self.permute_seconds}
+                "options": dict(self.options), "permute": self.permute, "permute_seconds": self.permute_seconds,
+                "refit": self.refit}
 
 
 #: Where Hugging Face models keep their repeated blocks, tried in this order.
@@ -237,8 +244,8 @@ class LayerReport:
 
 
 def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", method="auto", blocks=None,
-          layers=None, dampening=0.01, steps=200, lr=1e-3, permute=False, permute_seconds=1.0, report=None,
-          progress=False, log_block=None, offload_activations=None, block_loader=None, options=None):
+          layers=None, dampening=0.01, steps=200, lr=1e-3, permute=False, permute_seconds=1.0, refit=False,
+          report=None, progress=False, log_block=None, offload_activations=None, block_loader=None, options=None):
     """Prune a trained model's layers to N:M with calibration data, one block at a time.
 
     Parameters
@@ -284,6 +291,15 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
         dimension are placed heaviest first (by the Hessian's diagonal).
     permute_seconds : float, default 1.0
         Search time budget per permuted dimension (the search also stops at a local optimum).
+    refit : bool, default False
+        Prune a block's layers one group after another (a group: the layers that read one
+        input, as q, k and v), each on the inputs the already pruned layers give it, and
+        before its score runs replace each linear layer's weight by the least-squares fit
+        of the dense model's outputs on those inputs (:func:`refit_weight`). For scores
+        that reconstruct (SparseGPT, ALPS) the errors of earlier layers are then corrected
+        instead of copied. It costs one more forward pass per group and the dense model's
+        outputs beside the pruned ones; convolutions are not refitted. The reported errors
+        are measured against the dense model's outputs.
     report : list, optional
         One :class:`LayerReport` per prunable layer is appended.
     progress : bool, default False
@@ -323,7 +339,8 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     Notes
     -----
     Within a block all layers are pruned from one pass of statistics, as SparseGPT and
-    Wanda do; the next block's inputs come from the pruned block. Per block the cost is two
+    Wanda do (``refit=True``: group by group, from a pass per group); the next block's
+    inputs come from the pruned block. Per block the cost is two
     forward passes over the calibration data (statistics, then outputs), plus for SparseGPT
     ``O(in**2 * out)`` per layer and one ``H = X^T X`` per layer.
 
@@ -348,7 +365,8 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     named = {"dampening": dampening, "steps": steps, "lr": lr}  # each score takes its own
     named = {name: value for name, value in named.items() if name in SCORES[score].OPTIONS}
     recipe = PruneRecipe(pattern, transposable=transposable, score=score, method=method, layers=layers,
-                         options={**named, **(options or {})}, permute=permute, permute_seconds=permute_seconds)
+                         options={**named, **(options or {})}, permute=permute, permute_seconds=permute_seconds,
+                         refit=refit)
     return prune_model(model, calibration, recipe, blocks=blocks, report=report, progress=progress,
                        log_block=log_block, offload_activations=offload_activations, block_loader=block_loader)
 
@@ -430,7 +448,7 @@ def prune_model(model, calibration, recipe, *, blocks=None, report=None, progres
             inputs = Activations(_first_block_inputs(model, found[0][1], batches), offload_activations)
             # AdaPrune fits every layer to the dense model's outputs, so that it also corrects
             # the layers pruned before it: a second stream of activations, no second model.
-            dense = inputs.copy() if "dense_outputs" in step.NEEDS else None
+            dense = inputs.copy() if "dense_outputs" in step.NEEDS or recipe.refit else None
             for index, (prefix, block) in enumerate(found):
                 start = time.perf_counter()
                 if block_loader is not None:
@@ -802,7 +820,9 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, recipe):
     entries = [LayerReport(name, list(layer.weight.shape), f"left dense: {reason}")
                for name, layer, reason in targets if reason is not None]
     live = [(name, layer) for name, layer, reason in targets if reason is None]
-    stats = _gather(block, live, inputs, recipe.step.NEEDS)
+    needs = recipe.step.NEEDS | ({"hessian", "sums"} if recipe.refit else set())
+    early = recipe.refit and not recipe.permute  # a permutation needs every layer's statistics first
+    stats, crosses = _gather(block, live, inputs, needs, dense_outputs if early else None, first_group=early)
     _release_freed_memory()
     permutations = {}
     if recipe.permute:
@@ -810,31 +830,113 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, recipe):
         for entry in entries:
             if entry.name in permutations:
                 entry.permutation = permutations[entry.name][2]
-    for name, layer in live:
-        kept = stats.pop(name)  # statistics shared by several layers go with the last of them
-        kept.dense_outputs = dense_outputs[name] if dense_outputs is not None else None
-        entry = _prune_layer(name, layer, kept, recipe)
-        del kept
-        if name in permutations:
-            entry.permutation_gain, entry.permutation_seconds, entry.permutation = permutations[name]
-        entries.append(entry)
-        _release_freed_memory()
+    waiting = dict(live)
+    while waiting:
+        if recipe.refit and (not early or len(waiting) < len(live)):
+            # The layers still waiting read what the pruned ones compute now: gather again,
+            # as far as the next layers that share an input.
+            stats, crosses = _gather(block, list(waiting.items()), inputs, needs, dense_outputs, first_group=True)
+        group = [name for name in stats if stats[name] is stats[next(iter(stats))]] if recipe.refit else list(stats)
+        for name in group:
+            layer = waiting.pop(name)
+            kept = stats.pop(name)  # statistics shared by several layers go with the last of them
+            kept.dense_outputs = dense_outputs[name] if dense_outputs is not None and "dense_outputs" in needs \
+                else None
+            weight = None
+            if recipe.refit and not isinstance(layer, CONVOLUTIONS):
+                weight = refit_weight(linear_weight(layer).detach().float(), layer.bias, kept, crosses.pop(name),
+                                      recipe.options.get("dampening", 0.01))
+            target = dense_outputs[name][0] if weight is not None else None
+            entry = _prune_layer(name, layer, kept, recipe, weight, target)
+            del kept
+            if name in permutations:
+                entry.permutation_gain, entry.permutation_seconds, entry.permutation = permutations[name]
+            entries.append(entry)
+            _release_freed_memory()
     return entries
 
 
-def _gather(block, live, inputs, needs):
+def refit_weight(weight, bias, stats, cross, dampening):
+    """Refit a layer's weight to the dense model's outputs on the inputs it now receives.
+
+    Returns ``argmin ||X W^T + b - Y||^2 + lambda ||W - W0||^2``, with ``X`` the pruned
+    model's inputs of the layer, ``Y`` the dense model's outputs and ``lambda`` the
+    dampening as a fraction of the mean of ``diag(X^T X)``.
+
+    Since ``||X W^T - (Y - b)||^2 = ||X (W - W*)^T||^2 + const`` for this ``W*``, a score
+    that minimises ``||X (W - W0)^T||^2`` over masked ``W`` (SparseGPT, ALPS), given ``W*``
+    for ``W0``, minimises the error against the dense model's outputs instead: the errors
+    of the layers pruned before this one are corrected, not copied.
+
+    Parameters
+    ----------
+    weight : Tensor, shape (out, in)
+        The dense weight ``W0``, float32.
+    bias : Tensor or None
+        The layer's bias (unchanged by pruning).
+    stats : LayerStatistics
+        The layer's inputs' statistics (``hessian``: ``X^T X``, and ``tokens``).
+    cross : Tensor, shape (out, in)
+        ``Y^T X``, float64, ``Y`` the dense model's outputs without the bias.
+    dampening : float
+        ``lambda`` as a fraction of the mean of ``diag(X^T X)``.
+
+    Returns
+    -------
+    Tensor, shape (out, in)
+        ``W*``, float32.
+
+    Examples
+    --------
+    Outputs another weight computes are found again (a tiny dampening barely pulls back):
+
+    >>> import torch
+    >>> from transposable.scores.base import LayerStatistics
+    >>> x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    >>> stats = LayerStatistics({"hessian", "sums"})
+    >>> stats.add(x)
+    >>> target = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    >>> y = x @ target.t()
+    >>> refit = refit_weight(torch.zeros(1, 4), None, stats, y.t().double() @ x.double(), 1e-9)
+    >>> torch.allclose(refit, target, atol=1e-4)
+    True
+    """
+    hessian = stats.hessian
+    cross = cross.double()
+    if bias is not None:  # the dense outputs hold the bias; the inputs' sums give its part of Y^T X
+        cross = cross - torch.outer(bias.detach().double(), stats.sums.to(cross.device))
+    damp = dampening * float(hessian.diagonal().mean())
+    lhs = hessian + damp * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    rhs = cross + damp * weight.double()
+    factor = torch.linalg.cholesky(lhs)
+    return torch.cholesky_solve(rhs.t(), factor).t().float()
+
+
+class _GroupGathered(Exception):
+    """Raised by :func:`_gather`'s hook once the first layers that share an input have theirs."""
+
+
+def _gather(block, live, inputs, needs, dense_outputs=None, first_group=False):
     """Run the block on every window and gather each live layer's input statistics.
 
     Layers that read the same tensor (q, k and v; gate and up) share one
     :class:`~transposable.scores.base.LayerStatistics`: one Hessian computed, stored and
     factored for all of them. Sharing is decided on the first window (the same tensor
-    object) and checked on every other.
+    object) and checked on every other. The statistics come in the order the layers run.
+
+    With ``dense_outputs`` (every layer's dense outputs per window) each layer also gets
+    ``Y^T X`` of its dense outputs and its inputs, for :func:`refit_weight`. With
+    ``first_group``, only the first layers to run (and those sharing their input) are
+    gathered, and each window's pass stops there.
     """
-    stats, leader, latest = {}, {}, {}
+    stats, leader, latest, crosses = {}, {}, {}, {}
     readers = {}  # on the first window: id of an input tensor -> (the first layer reading it, the tensor)
+    window = 0
 
     def record(name, layer, x):
         if name not in leader:
+            if first_group and stats and (readers.get(id(x)) or (None, None))[1] is not x:
+                raise _GroupGathered
             first = readers.get(id(x))
             leader[name] = first[0] if first is not None and first[1] is x else name
             if leader[name] == name:
@@ -842,25 +944,34 @@ def _gather(block, live, inputs, needs):
                 stats[name] = LayerStatistics(needs)
             else:
                 stats[name] = stats[leader[name]]
+        elif first_group and leader[name] != leader[next(iter(leader))]:
+            raise _GroupGathered
         if leader[name] == name:
             stats[name].add(x)
             latest[name] = x
         elif latest[leader[name]] is not x:
             raise RuntimeError(f"layer {name!r} read the same input as {leader[name]!r} on the first calibration "
                                "window but not on a later one; the block's forward depends on its inputs")
+        if dense_outputs is not None and not isinstance(layer, CONVOLUTIONS):
+            y, flat = dense_outputs[name][window], x.detach().reshape(-1, x.shape[-1]).float()
+            product = (y.reshape(-1, y.shape[-1]).float().t() @ flat).double()
+            crosses[name] = product if name not in crosses else crosses[name].add_(product)
 
     handles = [layer.register_forward_pre_hook(lambda module, args, name=name, layer=layer: record(name, layer,
                                                                                                     args[0]))
                for name, layer in live]
     try:
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
+        for window, (args, kwargs) in enumerate(inputs):
+            try:
+                block(*args, **kwargs)
+            except _GroupGathered:
+                pass
             readers.clear()
             latest.clear()
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    return stats, crosses
 
 
 def _permute_block(prefix, block, sample, layers, stats, dense_outputs, recipe):
@@ -925,19 +1036,24 @@ def _dtype(module):
     return next((p.dtype for p in module.parameters()), torch.float32)
 
 
-def _prune_layer(name, layer, stats, recipe):
+def _prune_layer(name, layer, stats, recipe, refit=None, target=None):
+    """Prune one layer by the recipe's score; with ``refit`` (the refitted weight) the score
+    prunes that instead, and the errors are measured against ``target``, the dense model's
+    outputs on the first window, rather than the layer's own dense weight."""
     start = time.perf_counter()
     # (out, in[, *kernel]), float32: for a float32 layer its own values, which stay as they
     # are until the layer is written at the end (no copy: a 7B layer's copy is 180 MB).
     weight = linear_weight(layer).detach().float()
-    keep, new, new_bias = recipe.step.prune(layer, weight, stats, recipe)
-    original = as_stored(layer, weight)
+    source = weight if refit is None else refit
+    keep, new, new_bias = recipe.step.prune(layer, source, stats, recipe)
     bias = None if layer.bias is None else layer.bias.detach().float().clone()
-    masked = as_stored(layer, weight * keep)
+    if target is None:
+        target = layer_outputs(layer, as_stored(layer, weight), bias, stats.sample)
+    masked = as_stored(layer, source * keep)
     new_weight = masked if new is None else as_stored(layer, new)
     new_bias = bias if new_bias is None else new_bias
-    error_masked = _relative_error(layer, (masked, bias), (original, bias), stats.sample)
-    error = _relative_error(layer, (new_weight, new_bias), (original, bias), stats.sample)
+    error_masked = _relative_error(layer, (masked, bias), target, stats.sample)
+    error = _relative_error(layer, (new_weight, new_bias), target, stats.sample)
     kept = kept_fraction(weight, keep)  # before the layer (maybe weight itself) is written
     with torch.no_grad():
         layer.weight.copy_(new_weight.to(layer.weight.dtype))
@@ -947,7 +1063,7 @@ def _prune_layer(name, layer, stats, recipe):
                        time.perf_counter() - start)
 
 
-def _relative_error(layer, candidate, reference, x):
-    """``||f(x; candidate) - f(x; reference)||^2 / ||f(x; reference)||^2``."""
-    ours, theirs = layer_outputs(layer, *candidate, x).double(), layer_outputs(layer, *reference, x).double()
+def _relative_error(layer, candidate, target, x):
+    """``||f(x; candidate) - target||^2 / ||target||^2``."""
+    ours, theirs = layer_outputs(layer, *candidate, x).double(), target.double()
     return float((ours - theirs).pow(2).sum() / theirs.pow(2).sum().clamp_min(1e-300))

@@ -13,6 +13,7 @@ STATISTICS = {
     "hessian": "X^T X of the calibration inputs, float64 (SparseGPT's Hessian)",
     "inputs": "every calibration batch's inputs (to fit the layer on them)",
     "dense_outputs": "the dense model's outputs of the layer, from a second stream of activations",
+    "sums": "the sum over calibration tokens of every input feature, float64 (a bias's part in a refit)",
 }
 
 
@@ -88,7 +89,7 @@ class LayerStatistics:
         The first batch's inputs (the reported errors are measured on them).
     tokens : int
         Calibration tokens seen (with ``sum_squares`` or ``hessian``).
-    sum_squares, hessian : Tensor or None
+    sum_squares, hessian, sums : Tensor or None
         Float64 sums, where needed.
     inputs : list of Tensor
         Every batch's inputs, where needed.
@@ -111,6 +112,7 @@ class LayerStatistics:
         self.tokens = 0
         self.sum_squares = None
         self.hessian = None
+        self.sums = None
         self.dense_outputs = None
         self.moves = []  # permutations of the input features applied so far (permute=True)
         self._derived = {}
@@ -148,7 +150,7 @@ class LayerStatistics:
             self.sample = x
         if "inputs" in self.needs:
             self.inputs.append(x)
-        if not self.needs & {"sum_squares", "hessian"}:
+        if not self.needs & {"sum_squares", "hessian", "sums"}:
             return
         flat = x.reshape(-1, x.shape[-1]).float()
         self.tokens += flat.shape[0]
@@ -160,6 +162,12 @@ class LayerStatistics:
                 self.sum_squares = squares
             else:
                 self.sum_squares += squares
+        if "sums" in self.needs:
+            sums = flat.sum(dim=0).double()
+            if self.sums is None:
+                self.sums = sums
+            else:
+                self.sums += sums
         if "hessian" in self.needs:
             product = (flat.t() @ flat).double()
             if self.hessian is None:
@@ -194,6 +202,8 @@ class LayerStatistics:
         self.inputs = [x.index_select(-1, positions) for x in self.inputs]
         if self.sum_squares is not None:
             self.sum_squares = self.sum_squares.index_select(0, positions)
+        if self.sums is not None:
+            self.sums = self.sums.index_select(0, positions)
         if self.hessian is not None:
             self.hessian = self.hessian.index_select(0, positions).index_select(1, positions)
 
