@@ -935,17 +935,16 @@ def _gather(block, live, inputs, needs, dense_outputs=None, first_group=False):
 
     def record(name, layer, x):
         if name not in leader:
-            if first_group and stats and (readers.get(id(x)) or (None, None))[1] is not x:
-                raise _GroupGathered
             first = readers.get(id(x))
-            leader[name] = first[0] if first is not None and first[1] is x else name
+            shared = first is not None and first[1] is x
+            if first_group and stats and not shared:  # the first layer past the first group
+                raise _GroupGathered
+            leader[name] = first[0] if shared else name
             if leader[name] == name:
                 readers[id(x)] = (name, x)  # held for the window, so that its id is not reused
                 stats[name] = LayerStatistics(needs)
             else:
                 stats[name] = stats[leader[name]]
-        elif first_group and leader[name] != leader[next(iter(leader))]:
-            raise _GroupGathered
         if leader[name] == name:
             stats[name].add(x)
             latest[name] = x
