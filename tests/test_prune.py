@@ -166,7 +166,7 @@ def least_squares_refit(x, y, weight, bias, dampening):
     return torch.linalg.lstsq(a, b).solution.t()
 
 
-def refit_reference(model, batches, pattern, score):
+def refit_reference(model, batches, pattern, score, dampening):
     """``refit=True`` without the engine: layer after layer in the order they run, each
     refitted on the inputs the whole partly pruned model gives it against the outputs the
     whole dense model gives, then pruned by the score."""
@@ -190,7 +190,7 @@ def refit_reference(model, batches, pattern, score):
         module = model.get_submodule(name)
         x, y = run(model, name, "in"), run(dense, name, "out")
         weight = module.weight.detach().double()
-        refit = least_squares_refit(x, y, weight, None, 0.01).float()
+        refit = least_squares_refit(x, y, weight, None, dampening).float()
         hessian = (x.t() @ x) / len(x)
         if score == "magnitude":
             new = refit * tp.mask(refit, pattern, transposable=True)
@@ -206,8 +206,8 @@ def refit_reference(model, batches, pattern, score):
 @pytest.mark.parametrize("score", ["sparsegpt", "magnitude"])
 def test_refit_equals_a_naive_layer_by_layer_reference(score):
     data = calibration()
-    engine = prune(tiny_llama(), data, "2:4", score=score, refit=True)
-    reference = refit_reference(tiny_llama(), data, "2:4", score)
+    engine = prune(tiny_llama(), data, "2:4", score=score, refit=True, refit_dampening=0.3)
+    reference = refit_reference(tiny_llama(), data, "2:4", score, 0.3)
     for (name, ours), (_, theirs) in zip(engine.named_parameters(), reference.named_parameters()):
         assert torch.equal(ours != 0, theirs != 0), name  # the same masks
         torch.testing.assert_close(ours, theirs, rtol=2e-3, atol=2e-4)
@@ -228,6 +228,8 @@ def test_refit_weight_is_the_damped_least_squares_fit_with_a_bias():
     ours = refit_weight(weight, bias, stats, cross, 0.05)
     theirs = least_squares_refit(x.double(), y.double(), weight.double(), bias.double(), 0.05)
     torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-5)
+    pulled_back = refit_weight(weight, bias, stats, cross, 1e9)  # a huge dampening keeps the dense weight
+    torch.testing.assert_close(pulled_back, weight, rtol=0, atol=1e-6)
 
 
 def logits_error(model, dense, batches):

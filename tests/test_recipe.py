@@ -45,6 +45,8 @@ def test_a_recipe_is_resolved_once_and_frozen():
     (dict(permute=1), TypeError, r"permute must be True or False"),
     (dict(permute_seconds=0), ValueError, r"seconds must be a positive number, got seconds=0"),
     (dict(refit="no"), TypeError, r"refit must be True or False, got 'no'"),
+    (dict(refit=True, refit_dampening=0), ValueError, r"refit_dampening must be a positive number, got 0"),
+    (dict(refit=True, refit_dampening="0.1"), ValueError, r"refit_dampening must be a positive number, got '0.1'"),
 ])
 def test_every_field_is_checked_with_its_name_and_value(fields, error, match):
     with pytest.raises(error, match=match):
@@ -126,15 +128,23 @@ def test_the_command_builds_the_recipe_and_the_report_records_it(model_folder, t
     out = tmp_path / "pruned"
     result = prune_cli(model_folder / "model", "--pattern", "2:4", "--transposable", "--calibration",
                        model_folder / "calibration.txt", "--samples", "4", "--seqlen", "32", "--dampening", "0.05",
-                       "--refit", "-o", out)
+                       "--refit", "--refit-dampening", "0.2", "-o", out)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["recipe"] == {"pattern": "2:4", "transposable": True, "score": "sparsegpt", "method": "exhaustive",
                                 "layers": None, "options": {"dampening": 0.05}, "permute": False,
-                                "permute_seconds": 1.0, "refit": True}
+                                "permute_seconds": 1.0, "refit": True, "refit_dampening": 0.2}
     assert PruneRecipe(**report["recipe"]).options["dampening"] == 0.05
     refused = prune_cli(model_folder / "model", "--pattern", "2:4", "--score", "wanda", "--calibration",
                         model_folder / "calibration.txt", "--dampening", "0.05", "-o", tmp_path / "refused")
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     assert "score 'wanda' takes no option 'dampening' (its options: none)" in refused.stderr
     assert not (tmp_path / "refused").exists()
+    for flags, message in ((["--refit-dampening", "0.2"], "--refit-dampening 0.2 does nothing without --refit; add "
+                            "--refit"),
+                           (["--refit", "--refit-dampening", "-1"], "refit_dampening must be a positive number, got "
+                            "-1.0")):
+        refused = prune_cli(model_folder / "model", "--pattern", "2:4", "--calibration",
+                            model_folder / "calibration.txt", *flags, "-o", tmp_path / "refused")
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert message in refused.stderr and not (tmp_path / "refused").exists()

@@ -207,6 +207,9 @@ def _build_parser():
     prune.add_argument("--refit", action="store_true",
                        help="prune the layers of a block one after another, each on the inputs the pruned ones give "
                             "it, fitted to the dense model's outputs (errors are corrected, not passed on)")
+    prune.add_argument("--refit-dampening", type=float, metavar="D",
+                       help="--refit: pull back to the dense weight, a fraction of the inputs' mean square "
+                            "(default 1.0; smaller fits the calibration text more closely)")
     prune.add_argument("--device", metavar="DEVICE",
                        help="cpu, cuda or cuda:K: where blocks, activations and solvers run (default: cuda when "
                             "present, else cpu)")
@@ -420,9 +423,12 @@ def _prune(args):
     from .prune import PruneRecipe
 
     options = {name: getattr(args, name) for name in _score_options() if getattr(args, name) is not None}
+    if args.refit_dampening is not None and not args.refit:
+        raise ValueError(f"--refit-dampening {args.refit_dampening:g} does nothing without --refit; add --refit")
+    refit_dampening = {} if args.refit_dampening is None else {"refit_dampening": args.refit_dampening}
     recipe = PruneRecipe(args.pattern, transposable=args.transposable, score=args.score, method=args.method,
                          options=options, permute=args.permute, permute_seconds=args.permute_seconds,
-                         refit=args.refit)
+                         refit=args.refit, **refit_dampening)
     bar = sys.stderr.isatty()
     report = prune_folder(args.model, args.output, args.calibration, recipe, samples=args.samples,
                           seqlen=args.seqlen, seed=args.seed, device=args.device, stream=not args.in_memory,

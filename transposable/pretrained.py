@@ -25,7 +25,7 @@ from .masks import check_flag
 
 def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposable=True, score="sparsegpt",
                      method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=1.0, refit=False,
-                     device=None, stream=True, offload_activations=None, force=False, progress=False,
+                     refit_dampening=1.0, device=None, stream=True, offload_activations=None, force=False, progress=False,
                      log_block=None, options=None):
     """Prune a Hugging Face causal language model folder into a new folder.
 
@@ -60,6 +60,8 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     refit : bool, default False
         Prune each block's layers group by group, each refitted to the dense model's
         outputs on the inputs the pruned layers give it (:func:`transposable.prune.prune`).
+    refit_dampening : float, default 1.0
+        The refit's pull back to the dense weight (:func:`transposable.prune.prune`).
     device : str, optional
         ``"cpu"`` or ``"cuda"`` / ``"cuda:k"``: where the blocks, the activations and the
         solvers run (default: ``"cuda"`` when present, else ``"cpu"``).
@@ -115,7 +117,8 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     from .prune import PruneRecipe
 
     recipe = PruneRecipe(pattern, transposable=transposable, score=score, method=method, options=options or {},
-                         permute=permute, permute_seconds=permute_seconds, refit=refit)
+                         permute=permute, permute_seconds=permute_seconds, refit=refit,
+                         refit_dampening=refit_dampening)
     return prune_folder(model_dir, output, calibration_file, recipe, samples=samples, seqlen=seqlen, seed=seed,
                         device=device, stream=stream, offload_activations=offload_activations, force=force,
                         progress=progress, log_block=log_block)

@@ -48,7 +48,7 @@ from .patterns import parse_pattern
 from .permutation import check_budget
 from .permute import apply_permutation, permutable_dimensions, permute_dimension
 from .scores import SCORES
-from .scores.base import LayerStatistics
+from .scores.base import LayerStatistics, Option
 from .scores.sparsegpt import sparsegpt  # noqa: F401  (public here too)
 
 log = logging.getLogger("transposable")
@@ -111,8 +111,10 @@ class PruneRecipe:
         Search time budget per permuted dimension.
     refit : bool, default False
         Prune each block's layers group by group, each refitted to the dense model's
-        outputs first (see :func:`prune`), damped by the score's ``dampening`` (0.01 for
-        scores without one).
+        outputs first (see :func:`prune`).
+    refit_dampening : float, default 1.0
+        How far the refit is pulled back to the dense weight: ``lambda`` of
+        :func:`refit_weight`, as a fraction of the mean of ``diag(X^T X)`` (positive).
 
     Raises
     ------
@@ -142,6 +144,7 @@ class PruneRecipe:
     permute: bool = False
     permute_seconds: float = 1.0
     refit: bool = False
+    refit_dampening: float = 1.0
 
     def __post_init__(self):
         pattern = parse_pattern(self.pattern)
@@ -162,6 +165,8 @@ class PruneRecipe:
                    for name, option in declared.items()}
         check_flag("permute", self.permute)
         check_flag("refit", self.refit)
+        Option(1.0, "the refit's pull to the dense weight", "positive").check("refit_dampening",
+                                                                              self.refit_dampening)
         check_budget(self.permute_seconds, None)
         for name, value in (("pattern", pattern), ("method", method), ("layers", layers),
                             ("options", MappingProxyType(options))):
@@ -183,7 +188,7 @@ class PruneRecipe:
         return {"pattern": str(self.pattern), "transposable": self.transposable, "score": self.score,
                 "method": self.method, "layers": None if self.layers is None else list(self.layers),
                 "options": dict(self.options), "permute": self.permute, "permute_seconds": self.permute_seconds,
-                "refit": self.refit}
+                "refit": self.refit, "refit_dampening": self.refit_dampening}
 
 
 #: Where Hugging Face models keep their repeated blocks, tried in this order.
@@ -245,7 +250,8 @@ class LayerReport:
 
 def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", method="auto", blocks=None,
           layers=None, dampening=0.01, steps=200, lr=1e-3, permute=False, permute_seconds=1.0, refit=False,
-          report=None, progress=False, log_block=None, offload_activations=None, block_loader=None, options=None):
+          refit_dampening=1.0, report=None, progress=False, log_block=None, offload_activations=None,
+          block_loader=None, options=None):
     """Prune a trained model's layers to N:M with calibration data, one block at a time.
 
     Parameters
@@ -300,6 +306,10 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
         instead of copied. It costs one more forward pass per group and the dense model's
         outputs beside the pruned ones; convolutions are not refitted. The reported errors
         are measured against the dense model's outputs.
+    refit_dampening : float, default 1.0
+        The refit's pull back to the dense weight, as a fraction of the mean of the
+        inputs' ``diag(X^T X)``: a small one fits the calibration text closely, a larger
+        one keeps more of what the dense weight does on other text.
     report : list, optional
         One :class:`LayerReport` per prunable layer is appended.
     progress : bool, default False
@@ -366,7 +376,7 @@ def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", 
     named = {name: value for name, value in named.items() if name in SCORES[score].OPTIONS}
     recipe = PruneRecipe(pattern, transposable=transposable, score=score, method=method, layers=layers,
                          options={**named, **(options or {})}, permute=permute, permute_seconds=permute_seconds,
-                         refit=refit)
+                         refit=refit, refit_dampening=refit_dampening)
     return prune_model(model, calibration, recipe, blocks=blocks, report=report, progress=progress,
                        log_block=log_block, offload_activations=offload_activations, block_loader=block_loader)
 
@@ -845,7 +855,7 @@ def _prune_block(prefix, block, targets, inputs, dense_outputs, recipe):
             weight = None
             if recipe.refit and not isinstance(layer, CONVOLUTIONS):
                 weight = refit_weight(linear_weight(layer).detach().float(), layer.bias, kept, crosses.pop(name),
-                                      recipe.options.get("dampening", 0.01))
+                                      recipe.refit_dampening)
             target = dense_outputs[name][0] if weight is not None else None
             entry = _prune_layer(name, layer, kept, recipe, weight, target)
             del kept
