@@ -120,6 +120,12 @@ def test_sparsegpt_alone_keeps_exactly_its_mask_and_lowers_the_error():
         assert error(new) < 0.8 * error(weight * keep)
 
 
+def assert_same_pruned_weights(engine, reference, rtol, atol):
+    for (name, ours), (_, theirs) in zip(engine.named_parameters(), reference.named_parameters()):
+        assert torch.equal(ours != 0, theirs != 0), name  # the same masks
+        torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol)
+
+
 def naive_reference(model, batches, pattern, score):
     """The same algorithm without the engine: for each block, its layers' inputs come from
     running the whole (partly pruned) model on the calibration data."""
@@ -152,9 +158,7 @@ def test_the_block_engine_equals_a_naive_whole_model_reference(score):
     data = calibration()
     engine = prune(tiny_llama(), data, "2:4", score=score)
     reference = naive_reference(tiny_llama(), data, "2:4", score)
-    for (name, ours), (_, theirs) in zip(engine.named_parameters(), reference.named_parameters()):
-        assert torch.equal(ours != 0, theirs != 0), name  # the same masks
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert_same_pruned_weights(engine, reference, rtol=1e-4, atol=1e-5)
 
 
 def least_squares_refit(x, y, weight, bias, dampening):
@@ -208,9 +212,7 @@ def test_refit_equals_a_naive_layer_by_layer_reference(score):
     data = calibration()
     engine = prune(tiny_llama(), data, "2:4", score=score, refit=True, refit_dampening=0.3)
     reference = refit_reference(tiny_llama(), data, "2:4", score, 0.3)
-    for (name, ours), (_, theirs) in zip(engine.named_parameters(), reference.named_parameters()):
-        assert torch.equal(ours != 0, theirs != 0), name  # the same masks
-        torch.testing.assert_close(ours, theirs, rtol=2e-3, atol=2e-4)
+    assert_same_pruned_weights(engine, reference, rtol=2e-3, atol=2e-4)
 
 
 def test_refit_weight_is_the_damped_least_squares_fit_with_a_bias():

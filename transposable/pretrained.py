@@ -25,8 +25,8 @@ from .masks import check_flag
 
 def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposable=True, score="sparsegpt",
                      method="auto", samples=128, seqlen=512, seed=0, permute=False, permute_seconds=1.0, refit=False,
-                     refit_dampening=1.0, device=None, stream=True, offload_activations=None, force=False, progress=False,
-                     log_block=None, options=None):
+                     refit_dampening=1.0, device=None, stream=True, offload_activations=None, force=False,
+                     progress=False, log_block=None, options=None):
     """Prune a Hugging Face causal language model folder into a new folder.
 
     Parameters

@@ -53,6 +53,9 @@ from .scores.sparsegpt import sparsegpt  # noqa: F401  (public here too)
 
 log = logging.getLogger("transposable")
 
+#: ``refit_dampening``: the refit's pull back to the dense weight (its default, and the check).
+REFIT_DAMPENING = Option(1.0, "the refit's pull to the dense weight", "positive")
+
 
 def check_score(score):
     """Raise ``ValueError`` unless ``score`` names a score of :data:`~transposable.scores.SCORES`.
@@ -144,7 +147,7 @@ class PruneRecipe:
     permute: bool = False
     permute_seconds: float = 1.0
     refit: bool = False
-    refit_dampening: float = 1.0
+    refit_dampening: float = REFIT_DAMPENING.default
 
     def __post_init__(self):
         pattern = parse_pattern(self.pattern)
@@ -165,8 +168,7 @@ class PruneRecipe:
                    for name, option in declared.items()}
         check_flag("permute", self.permute)
         check_flag("refit", self.refit)
-        Option(1.0, "the refit's pull to the dense weight", "positive").check("refit_dampening",
-                                                                              self.refit_dampening)
+        REFIT_DAMPENING.check("refit_dampening", self.refit_dampening)
         check_budget(self.permute_seconds, None)
         for name, value in (("pattern", pattern), ("method", method), ("layers", layers),
                             ("options", MappingProxyType(options))):
@@ -250,8 +252,8 @@ class LayerReport:
 
 def prune(model, calibration, pattern, *, transposable=True, score="sparsegpt", method="auto", blocks=None,
           layers=None, dampening=0.01, steps=200, lr=1e-3, permute=False, permute_seconds=1.0, refit=False,
-          refit_dampening=1.0, report=None, progress=False, log_block=None, offload_activations=None,
-          block_loader=None, options=None):
+          refit_dampening=REFIT_DAMPENING.default, report=None, progress=False, log_block=None,
+          offload_activations=None, block_loader=None, options=None):
     """Prune a trained model's layers to N:M with calibration data, one block at a time.
 
     Parameters
