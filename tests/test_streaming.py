@@ -116,6 +116,19 @@ def test_permuted_and_offloaded_streaming_equals_the_whole_model_path(folders, t
     assert list(spill.iterdir()) == []  # the activation files are gone
 
 
+@pytest.mark.parametrize("source", ["llama-single", "gpt2-single"])
+def test_refit_streamed_and_offloaded_equals_the_whole_model_path(folders, tmp_path, source):
+    # The refit runs a dense copy of each block on the dense model's inputs, which are
+    # offloaded too; a streamed block's copy must be of its loaded weights.
+    spill = tmp_path / "activations"
+    spill.mkdir()
+    in_memory, streamed = run_both(folders, tmp_path, source, "2:4", True, "sparsegpt", refit=True,
+                                   offload_activations=spill)
+    assert_same_folders(in_memory, streamed)
+    assert list(spill.iterdir()) == []
+    assert json.loads((streamed / "pruning_report.json").read_text())["recipe"]["refit"] is True
+
+
 def test_only_one_block_holds_weights_at_a_time(folders, tmp_path):
     """While block k is pruned every other block is on the meta device, and the embeddings
     were freed once the first block's inputs were captured."""

@@ -215,8 +215,8 @@ def _build_parser():
                             "present, else cpu)")
     prune.add_argument("--offload-activations", metavar="DIR",
                        help="keep the calibration hidden states in a temporary file in DIR instead of memory: they "
-                            "take samples x seqlen x hidden_size x 4 bytes (float32; twice that for adaprune), e.g. "
-                            "1 GiB for 128 x 512 tokens of a 4096-wide model")
+                            "take samples x seqlen x hidden_size x 4 bytes (float32; twice that for adaprune and "
+                            "--refit), e.g. 1 GiB for 128 x 512 tokens of a 4096-wide model")
     prune.add_argument("--in-memory", action="store_true",
                        help="load the whole model first (from_pretrained) instead of one block at a time; the same "
                             "results, more memory")

@@ -74,7 +74,7 @@ def prune_pretrained(model_dir, output, calibration_file, pattern, *, transposab
     offload_activations : str or Path, optional
         Keep the calibration hidden states in a temporary file in this folder instead of
         memory: ``samples x seqlen x hidden_size x 4`` bytes (float32), twice that for
-        AdaPrune.
+        AdaPrune and ``refit``.
     force : bool, default False
         Replace an existing ``output``.
     progress : bool, default False

@@ -25,6 +25,7 @@ declaring the statistics it needs; the block walker here knows none by name:
 - ``"alps"``: layer-wise reconstruction by ADMM (Meng et al., 2024), each iteration's
   projection the exact (transposable) mask, then conjugate gradients on the final support.
 """
+import copy
 import fnmatch
 import functools
 import logging
@@ -458,17 +459,15 @@ def prune_model(model, calibration, recipe, *, blocks=None, report=None, progres
     try:
         with torch.no_grad(), _no_cache(model):
             inputs = Activations(_first_block_inputs(model, found[0][1], batches), offload_activations)
-            # AdaPrune fits every layer to the dense model's outputs, so that it also corrects
-            # the layers pruned before it: a second stream of activations, no second model.
+            # AdaPrune and the refit fit every layer to the dense model's outputs, so that they
+            # also correct the layers pruned before it: a second stream of activations, the
+            # dense model's inputs of each block, and no second model (a copy of one block).
             dense = inputs.copy() if "dense_outputs" in step.NEEDS or recipe.refit else None
             for index, (prefix, block) in enumerate(found):
                 start = time.perf_counter()
                 if block_loader is not None:
                     block_loader.load(prefix, block)
-                dense_outputs = None
-                if dense is not None:
-                    dense_outputs = _dense_pass(block, targets[prefix], dense)
-                entries = _prune_block(prefix, block, targets[prefix], inputs, dense_outputs, recipe)
+                entries = _prune_block(prefix, block, targets[prefix], inputs, dense, recipe)
                 if report is not None:
                     report.extend(entries)
                 _advance(block, inputs)
@@ -792,14 +791,16 @@ def _advance(block, inputs):
         inputs[j] = _with_hidden(args, kwargs, _hidden(block(*args, **kwargs)))
 
 
-def _dense_pass(block, targets, inputs):
-    """Run the still dense block: every target layer's outputs; ``inputs`` become the next
-    dense inputs."""
-    outputs = {name: [] for name, _, reason in targets if reason is None}
+def _dense_outputs(dense, inputs):
+    """AdaPrune's targets: per layer name, its outputs on every window of ``inputs`` when
+    the dense copy of the block runs (``dense``: the copy and its layers by name)."""
+    block, layers = dense
+    outputs = {name: [] for name in layers}
     handles = [layer.register_forward_hook(lambda module, args, out, kept=outputs[name]: kept.append(out.detach()))
-               for name, layer, reason in targets if reason is None]
+               for name, layer in layers.items()]
     try:
-        _advance(block, inputs)
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -828,52 +829,64 @@ def _malloc_trim():
         return None
 
 
-def _prune_block(prefix, block, targets, inputs, dense_outputs, recipe):
+def _prune_block(prefix, block, targets, inputs, dense_inputs, recipe):
     entries = [LayerReport(name, list(layer.weight.shape), f"left dense: {reason}")
                for name, layer, reason in targets if reason is not None]
     live = [(name, layer) for name, layer, reason in targets if reason is None]
-    needs = recipe.step.NEEDS | ({"hessian", "sums"} if recipe.refit else set())
-    early = recipe.refit and not recipe.permute  # a permutation needs every layer's statistics first
-    stats, crosses = _gather(block, live, inputs, needs, dense_outputs if early else None, first_group=early)
-    _release_freed_memory()
-    permutations = {}
-    if recipe.permute:
-        permutations = _permute_block(prefix, block, inputs[0], dict(live), stats, dense_outputs, recipe)
+    needs = recipe.step.NEEDS | ({"hessian"} if recipe.refit else set())
+    stats, permutations = None, {}
+    if recipe.permute:  # a permutation needs every layer's statistics first
+        stats, _ = _gather(block, live, inputs, needs)
+        _release_freed_memory()
+        permutations = _permute_block(prefix, block, inputs[0], dict(live), stats, recipe)
         for entry in entries:
             if entry.name in permutations:
                 entry.permutation = permutations[entry.name][2]
+    dense = dense_outputs = None
+    if dense_inputs is not None:
+        # The block as the dense model has it (permuted, not yet pruned), beside it: what the
+        # fits aim at is computed again on every pass instead of kept (for a 7B model and
+        # 128 x 2048 tokens, its layers' outputs would be 45 GB a block).
+        memo = {}
+        dense = (copy.deepcopy(block, memo), {name: memo[id(layer)] for name, layer in live})
+        if "dense_outputs" in needs:
+            dense_outputs = _dense_outputs(dense, dense_inputs)
     waiting = dict(live)
     while waiting:
-        if recipe.refit and (not early or len(waiting) < len(live)):
-            # The layers still waiting read what the pruned ones compute now: gather again,
-            # as far as the next layers that share an input.
-            stats, crosses = _gather(block, list(waiting.items()), inputs, needs, dense_outputs, first_group=True)
+        if recipe.refit or stats is None:
+            # With refit the layers still waiting read what the pruned ones compute now: gather
+            # again, as far as the next layers that share an input.
+            stats, fits = _gather(block, list(waiting.items()), inputs, needs,
+                                  (dense, dense_inputs) if recipe.refit else None, first_group=recipe.refit)
         group = [name for name in stats if stats[name] is stats[next(iter(stats))]] if recipe.refit else list(stats)
         for name in group:
             layer = waiting.pop(name)
             kept = stats.pop(name)  # statistics shared by several layers go with the last of them
-            kept.dense_outputs = dense_outputs[name] if dense_outputs is not None and "dense_outputs" in needs \
-                else None
-            weight = None
+            kept.dense_outputs = None if dense_outputs is None else dense_outputs.pop(name)
+            weight = dense_sample = None
             if recipe.refit and not isinstance(layer, CONVOLUTIONS):
-                weight = refit_weight(linear_weight(layer).detach().float(), layer.bias, kept, crosses.pop(name),
-                                      recipe.refit_dampening)
-            target = dense_outputs[name][0] if weight is not None else None
-            entry = _prune_layer(name, layer, kept, recipe, weight, target)
+                cross, dense_sample = fits.pop(name)
+                dense_weight = linear_weight(layer).detach().float()
+                # the dense outputs less the bias are X_d W^T: (Y - b)^T X = W X_d^T X
+                weight = refit_weight(dense_weight, kept, dense_weight.double() @ cross, recipe.refit_dampening)
+            entry = _prune_layer(name, layer, kept, recipe, weight, dense_sample)
             del kept
             if name in permutations:
                 entry.permutation_gain, entry.permutation_seconds, entry.permutation = permutations[name]
             entries.append(entry)
             _release_freed_memory()
+    if dense is not None:
+        _advance(dense[0], dense_inputs)
     return entries
 
 
-def refit_weight(weight, bias, stats, cross, dampening):
+def refit_weight(weight, stats, cross, dampening):
     """Refit a layer's weight to the dense model's outputs on the inputs it now receives.
 
     Returns ``argmin ||X W^T + b - Y||^2 + lambda ||W - W0||^2``, with ``X`` the pruned
-    model's inputs of the layer, ``Y`` the dense model's outputs and ``lambda`` the
-    dampening as a fraction of the mean of ``diag(X^T X)``.
+    model's inputs of the layer, ``Y`` the dense model's outputs, ``b`` the layer's bias (the
+    same in both, so it drops out) and ``lambda`` the dampening as a fraction of the mean of
+    ``diag(X^T X)``.
 
     Since ``||X W^T - (Y - b)||^2 = ||X (W - W*)^T||^2 + const`` for this ``W*``, a score
     that minimises ``||X (W - W0)^T||^2`` over masked ``W`` (SparseGPT, ALPS), given ``W*``
@@ -884,12 +897,11 @@ def refit_weight(weight, bias, stats, cross, dampening):
     ----------
     weight : Tensor, shape (out, in)
         The dense weight ``W0``, float32.
-    bias : Tensor or None
-        The layer's bias (unchanged by pruning).
     stats : LayerStatistics
-        The layer's inputs' statistics (``hessian``: ``X^T X``, and ``tokens``).
+        The layer's inputs' statistics (``hessian``: ``X^T X``).
     cross : Tensor, shape (out, in)
-        ``Y^T X``, float64, ``Y`` the dense model's outputs without the bias.
+        ``(Y - b)^T X``, float64. :func:`prune` gets it as ``W0 X_d^T X``, ``X_d`` the dense
+        model's inputs of the layer.
     dampening : float
         ``lambda`` as a fraction of the mean of ``diag(X^T X)``.
 
@@ -905,30 +917,27 @@ def refit_weight(weight, bias, stats, cross, dampening):
     >>> import torch
     >>> from transposable.scores.base import LayerStatistics
     >>> x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
-    >>> stats = LayerStatistics({"hessian", "sums"})
+    >>> stats = LayerStatistics({"hessian"})
     >>> stats.add(x)
     >>> target = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
     >>> y = x @ target.t()
-    >>> refit = refit_weight(torch.zeros(1, 4), None, stats, y.t().double() @ x.double(), 1e-9)
+    >>> refit = refit_weight(torch.zeros(1, 4), stats, y.t().double() @ x.double(), 1e-9)
     >>> torch.allclose(refit, target, atol=1e-4)
     True
     """
     hessian = stats.hessian
-    cross = cross.double()
-    if bias is not None:  # the dense outputs hold the bias; the inputs' sums give its part of Y^T X
-        cross = cross - torch.outer(bias.detach().double(), stats.sums.to(cross.device))
     damp = dampening * float(hessian.diagonal().mean())
     lhs = hessian + damp * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    rhs = cross + damp * weight.double()
+    rhs = cross.double() + damp * weight.double()
     factor = torch.linalg.cholesky(lhs)
     return torch.cholesky_solve(rhs.t(), factor).t().float()
 
 
 class _GroupGathered(Exception):
-    """Raised by :func:`_gather`'s hook once the first layers that share an input have theirs."""
+    """Raised by :func:`_gather`'s hooks once the first layers that share an input have theirs."""
 
 
-def _gather(block, live, inputs, needs, dense_outputs=None, first_group=False):
+def _gather(block, live, inputs, needs, dense=None, first_group=False):
     """Run the block on every window and gather each live layer's input statistics.
 
     Layers that read the same tensor (q, k and v; gate and up) share one
@@ -936,14 +945,16 @@ def _gather(block, live, inputs, needs, dense_outputs=None, first_group=False):
     factored for all of them. Sharing is decided on the first window (the same tensor
     object) and checked on every other. The statistics come in the order the layers run.
 
-    With ``dense_outputs`` (every layer's dense outputs per window) each layer also gets
-    ``Y^T X`` of its dense outputs and its inputs, for :func:`refit_weight`. With
-    ``first_group``, only the first layers to run (and those sharing their input) are
-    gathered, and each window's pass stops there.
+    With ``dense`` (the block's dense copy with its layers by name, and the dense model's
+    inputs of the block) the copy runs on each window first, and each linear layer also
+    gets, shared as its statistics are, ``[X_d^T X, X_d of the first window]``: ``X_d`` its
+    inputs in the dense model, which :func:`refit_weight` needs. With ``first_group``, only
+    the first layers to run (and those sharing their input) are gathered, and each window's
+    passes stop there.
     """
-    stats, leader, latest, crosses = {}, {}, {}, {}
+    stats, leader, latest, fits = {}, {}, {}, {}
     readers = {}  # on the first window: id of an input tensor -> (the first layer reading it, the tensor)
-    window = 0
+    dense_seen = {}  # this window's inputs of the dense copy's layers
 
     def record(name, layer, x):
         if name not in leader:
@@ -957,37 +968,59 @@ def _gather(block, live, inputs, needs, dense_outputs=None, first_group=False):
                 stats[name] = LayerStatistics(needs)
             else:
                 stats[name] = stats[leader[name]]
+                if leader[name] in fits:
+                    fits[name] = fits[leader[name]]
         if leader[name] == name:
             stats[name].add(x)
             latest[name] = x
+            if dense is not None and not isinstance(layer, CONVOLUTIONS):
+                xd = dense_seen[name]
+                product = (xd.reshape(-1, xd.shape[-1]).float().t() @ x.detach().reshape(-1, x.shape[-1]).float())
+                if name in fits:
+                    fits[name][0].add_(product.double())
+                else:
+                    fits[name] = [product.double(), xd]
         elif latest[leader[name]] is not x:
             raise RuntimeError(f"layer {name!r} read the same input as {leader[name]!r} on the first calibration "
                                "window but not on a later one; the block's forward depends on its inputs")
-        if dense_outputs is not None and not isinstance(layer, CONVOLUTIONS):
-            y, flat = dense_outputs[name][window], x.detach().reshape(-1, x.shape[-1]).float()
-            product = (y.reshape(-1, y.shape[-1]).float().t() @ flat).double()
-            crosses[name] = product if name not in crosses else crosses[name].add_(product)
+
+    def record_dense(name, x):
+        if first_group and dense_seen and not any(x is seen for seen in dense_seen.values()):
+            raise _GroupGathered
+        dense_seen[name] = x.detach()
 
     handles = [layer.register_forward_pre_hook(lambda module, args, name=name, layer=layer: record(name, layer,
                                                                                                     args[0]))
                for name, layer in live]
+    if dense is not None:
+        (dense_block, dense_layers), dense_inputs = dense
+        handles += [dense_layers[name].register_forward_pre_hook(lambda module, args, name=name: record_dense(
+            name, args[0])) for name, _ in live]
     try:
         for window, (args, kwargs) in enumerate(inputs):
-            try:
-                block(*args, **kwargs)
-            except _GroupGathered:
-                pass
+            if dense is not None:
+                _run_to_the_group(dense_block, *dense_inputs[window])
+            _run_to_the_group(block, args, kwargs)
             readers.clear()
             latest.clear()
+            dense_seen.clear()
     finally:
         for handle in handles:
             handle.remove()
-    return stats, crosses
+    return stats, fits
 
 
-def _permute_block(prefix, block, sample, layers, stats, dense_outputs, recipe):
+def _run_to_the_group(block, args, kwargs):
+    """Run ``block``; a hook of :func:`_gather` may stop it past the layers it gathers."""
+    try:
+        block(*args, **kwargs)
+    except _GroupGathered:
+        pass
+
+
+def _permute_block(prefix, block, sample, layers, stats, recipe):
     """Permute the block's permutable dimensions on the calibration scores of its layers,
-    and move the statistics of the layers' inputs (and AdaPrune's dense outputs) along.
+    and move the statistics of the layers' inputs along.
 
     A score that walks a layer's inputs in order (SparseGPT: it spreads each error over the
     inputs still to come) gives a weight per input feature (``input_priority``); the groups
@@ -1027,8 +1060,6 @@ def _permute_block(prefix, block, sample, layers, stats, dense_outputs, recipe):
             if axis == 1 and name in stats and id(stats[name]) not in moved:
                 stats[name].permute_inputs(positions)
                 moved.add(id(stats[name]))
-            if axis == 0 and dense_outputs is not None and name in dense_outputs:
-                dense_outputs[name] = [y.index_select(-1, positions.to(y.device)) for y in dense_outputs[name]]
     after = _hidden(block(*args, **kwargs)).double()
     change = float((after - before).norm() / before.norm().clamp_min(1e-300))
     if change > (1e-4 if before.dtype == torch.float32 or _dtype(block) == torch.float32 else 1e-2):
@@ -1047,10 +1078,11 @@ def _dtype(module):
     return next((p.dtype for p in module.parameters()), torch.float32)
 
 
-def _prune_layer(name, layer, stats, recipe, refit=None, target=None):
+def _prune_layer(name, layer, stats, recipe, refit=None, dense_sample=None):
     """Prune one layer by the recipe's score; with ``refit`` (the refitted weight) the score
-    prunes that instead, and the errors are measured against ``target``, the dense model's
-    outputs on the first window, rather than the layer's own dense weight."""
+    prunes that instead, and the errors are measured against the dense model's outputs (the
+    layer's dense weight on ``dense_sample``, its inputs in the dense model on the first
+    window) rather than against the layer's own dense weight on its inputs."""
     start = time.perf_counter()
     # (out, in[, *kernel]), float32: for a float32 layer its own values, which stay as they
     # are until the layer is written at the end (no copy: a 7B layer's copy is 180 MB).
@@ -1058,8 +1090,8 @@ def _prune_layer(name, layer, stats, recipe, refit=None, target=None):
     source = weight if refit is None else refit
     keep, new, new_bias = recipe.step.prune(layer, source, stats, recipe)
     bias = None if layer.bias is None else layer.bias.detach().float().clone()
-    if target is None:
-        target = layer_outputs(layer, as_stored(layer, weight), bias, stats.sample)
+    sample = stats.sample if dense_sample is None else dense_sample
+    target = layer_outputs(layer, as_stored(layer, weight), bias, sample)
     masked = as_stored(layer, source * keep)
     new_weight = masked if new is None else as_stored(layer, new)
     new_bias = bias if new_bias is None else new_bias
