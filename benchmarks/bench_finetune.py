@@ -15,7 +15,7 @@ gradients through a column-wise 2:4 mask, so that both GEMMs could run on sparse
 without transposable masks). ``--score`` chooses how the models are pruned, ``--recoveries``
 which rows run (``bimask`` only where the pattern is row-wise); ``hidden`` adds the
 hidden-state loss to the distillation. ``--wikipedia`` trains on Wikipedia prose as well
-(gensim's test dump of 200-odd articles, about 560k tokens, put before the news), so that
+(gensim's test dump of 200-odd articles, 549k SmolLM2 tokens, put before the news), so that
 longer recoveries do not go round the 64k training tokens of news many times; the held-out
 news windows stay the same.
 
@@ -109,7 +109,7 @@ def overhead(work, dense, pruned, common):
 
 
 def wikipedia_text():
-    """Prose of the 200-odd Wikipedia articles in gensim's test dump (about 560k SmolLM2
+    """Prose of the 200-odd Wikipedia articles in gensim's test dump (549k SmolLM2
     tokens): markup, references, templates, tables, lists and links' targets removed."""
     dump = package_folder("gensim") / "test" / "test_data" / WIKIPEDIA_DUMP
     xml = bz2.decompress(dump.read_bytes()).decode()
@@ -186,7 +186,7 @@ def main():
                         help="prune with --refit (layers refitted to the dense model), at this --refit-dampening "
                              "(default 1.0)")
     parser.add_argument("--wikipedia", action="store_true",
-                        help="train on Wikipedia prose too (gensim's test dump, about 560k tokens, before the news); "
+                        help="train on Wikipedia prose too (gensim's test dump, 549k tokens, before the news); "
                              "the held-out news windows stay the same")
     args = parser.parse_args()
     package_folder("gensim")
