@@ -791,16 +791,20 @@ def _advance(block, inputs):
         inputs[j] = _with_hidden(args, kwargs, _hidden(block(*args, **kwargs)))
 
 
-def _dense_outputs(dense, inputs):
+def _dense_outputs(dense, inputs, advance):
     """AdaPrune's targets: per layer name, its outputs on every window of ``inputs`` when
-    the dense copy of the block runs (``dense``: the copy and its layers by name)."""
+    the dense copy of the block runs (``dense``: the copy and its layers by name). With
+    ``advance`` the same pass also makes ``inputs`` the next block's (:func:`_advance`)."""
     block, layers = dense
     outputs = {name: [] for name in layers}
     handles = [layer.register_forward_hook(lambda module, args, out, kept=outputs[name]: kept.append(out.detach()))
                for name, layer in layers.items()]
     try:
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
+        if advance:
+            _advance(block, inputs)
+        else:
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -843,6 +847,7 @@ def _prune_block(prefix, block, targets, inputs, dense_inputs, recipe):
             if entry.name in permutations:
                 entry.permutation = permutations[entry.name][2]
     dense = dense_outputs = None
+    advanced = False
     if dense_inputs is not None:
         # The block as the dense model has it (permuted, not yet pruned), beside it: what the
         # fits aim at is computed again on every pass instead of kept (for a 7B model and
@@ -850,7 +855,10 @@ def _prune_block(prefix, block, targets, inputs, dense_inputs, recipe):
         memo = {}
         dense = (copy.deepcopy(block, memo), {name: memo[id(layer)] for name, layer in live})
         if "dense_outputs" in needs:
-            dense_outputs = _dense_outputs(dense, dense_inputs)
+            # without refit nothing reads the dense inputs again: one pass gives the targets
+            # and the next block's dense inputs
+            advanced = not recipe.refit
+            dense_outputs = _dense_outputs(dense, dense_inputs, advanced)
     waiting = dict(live)
     while waiting:
         if recipe.refit or stats is None:
@@ -875,7 +883,7 @@ def _prune_block(prefix, block, targets, inputs, dense_inputs, recipe):
                 entry.permutation_gain, entry.permutation_seconds, entry.permutation = permutations[name]
             entries.append(entry)
             _release_freed_memory()
-    if dense is not None:
+    if dense is not None and not advanced:
         _advance(dense[0], dense_inputs)
     return entries
 
